@@ -1,0 +1,294 @@
+"""Chapter 9 (section 4.2's ResNet discriminator): NumPy vs loops, JAX vs NumPy, Flax module vs NumPy, jit, grad, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hitlib import discriminator as disc
+from hitlib.reference import discriminator as ref
+from hitlib.reference.discriminator import DiscriminatorConfig
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------- NumPy building blocks vs naive loops
+
+@given(st.integers(1, 2), st.integers(1, 6), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 4), st.integers(0, 2**16))
+def test_conv2d_matches_loops(batch, height, width, c_in, c_out, kernel_size, seed):
+    rng = _rng(seed)
+    x = rng.standard_normal((batch, height, width, c_in)).astype(np.float32)
+    kernel = rng.standard_normal((kernel_size, kernel_size, c_in, c_out)).astype(np.float32)
+    bias = rng.standard_normal(c_out).astype(np.float32)
+    y = ref.conv2d(x, kernel, bias)
+    assert y.shape == (batch, height, width, c_out)
+    np.testing.assert_allclose(y, ref.conv2d_loops(x, kernel, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_1x1_is_dense_and_offcentre_tap_shifts():
+    rng = _rng(1)
+    x = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)
+    kernel = rng.standard_normal((1, 1, 3, 6)).astype(np.float32)
+    np.testing.assert_allclose(ref.conv2d(x, kernel), x @ kernel[0, 0], rtol=1e-6)
+    shift = np.zeros((3, 3, 3, 3), np.float32)
+    for c in range(3):
+        shift[1, 2, c, c] = 1.0  # y[h, w] = x[h, w + 1]
+    y = ref.conv2d(x, shift)
+    np.testing.assert_array_equal(y[:, :, :-1], x[:, :, 1:])
+    np.testing.assert_array_equal(y[:, :, -1], 0.0)
+
+
+@given(st.integers(1, 2), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**16))
+def test_pools_match_loops(batch, half_h, half_w, channels, seed):
+    x = _rng(seed).standard_normal((batch, 2 * half_h, 2 * half_w, channels)).astype(np.float32)
+    assert ref.blur_pool(x).shape == (batch, half_h, half_w, channels)
+    np.testing.assert_allclose(ref.blur_pool(x), ref.blur_pool_loops(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.avg_pool(x), ref.avg_pool_loops(x), rtol=1e-6, atol=1e-7)
+
+
+def test_blur_filter_is_normalised_binomial():
+    f = ref.blur_filter()
+    np.testing.assert_allclose(f * 64, np.outer([1, 3, 3, 1], [1, 3, 3, 1]))
+    assert f.sum() == pytest.approx(1.0, abs=1e-15)
+
+
+def test_blur_pool_preserves_a_constant_image_away_from_the_border():
+    value = 1.5
+    pooled = ref.blur_pool(np.full((1, 12, 8, 2), value))[0, :, :, 0]  # [6, 4]
+    np.testing.assert_allclose(pooled[1:-1, 1:-1], value, rtol=1e-15)  # interior: exactly constant
+    np.testing.assert_allclose(pooled[0, 1:-1], value * 7 / 8, rtol=1e-15)  # one tap of 8/8 falls on zero padding
+    np.testing.assert_allclose(pooled[1:-1, -1], value * 7 / 8, rtol=1e-15)
+    np.testing.assert_allclose(pooled[[0, 0, -1, -1], [0, -1, 0, -1]], value * 49 / 64, rtol=1e-15)
+    np.testing.assert_array_equal(ref.avg_pool(np.full((1, 4, 4, 1), value)), value)
+    jax_pooled = np.asarray(disc.blur_pool(jnp.full((1, 12, 8, 2), value, jnp.float32)))[0, :, :, 0]
+    np.testing.assert_allclose(jax_pooled, pooled, rtol=1e-6)
+
+
+@given(st.integers(1, 3), st.sampled_from([1, 2, 4]), st.booleans(), st.integers(0, 2**16))
+def test_minibatch_stddev_matches_loops(groups, group_size, oversized_group, seed):
+    batch = groups * group_size
+    if oversized_group:  # a group size larger than the batch means one group of the whole batch
+        group_size = batch + 3
+    x = _rng(seed).standard_normal((batch, 2, 3, 2)).astype(np.float32)
+    y = ref.minibatch_stddev(x, group_size)
+    assert y.shape == (batch, 2, 3, 3)
+    np.testing.assert_allclose(y, ref.minibatch_stddev_loops(x, group_size), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(disc.minibatch_stddev(jnp.asarray(x), group_size)), y, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_widths_follow_the_release():
+    assert DiscriminatorConfig(1024, 2).widths == (32, 64, 128, 256, 512, 512, 512, 512, 512)
+    assert DiscriminatorConfig(256, 2).widths == (128, 256, 512, 512, 512, 512, 512)
+    assert DiscriminatorConfig(256, 1).widths == (64, 128, 256, 512, 512, 512, 512)
+    assert DiscriminatorConfig(128, 1).widths == (128, 256, 512, 512, 512, 512)
+    assert DiscriminatorConfig(8).resolutions == (8, 4) and DiscriminatorConfig(8).num_blocks == 1
+    assert DiscriminatorConfig(64, max_channels=32).widths == (32, 32, 32, 32, 32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(resolution=96), "resolution must be a power of two >= 8, got resolution=96"),
+    (dict(resolution=4), "resolution must be a power of two >= 8, got resolution=4"),
+    (dict(resolution=64.0), "resolution must be a power of two >= 8, got resolution=64.0"),
+    (dict(resolution=64, channel_multiplier=0), "channel_multiplier must be a positive integer, got channel_multiplier=0"),
+    (dict(resolution=64, channel_multiplier=1.5), "channel_multiplier must be a positive integer"),
+    (dict(resolution=64, max_channels=0), "max_channels must be a positive integer"),
+    (dict(resolution=64, downsample="max"), "downsample must be one of ('blur', 'avg'), got downsample='max'"),
+    (dict(resolution=64, minibatch_std="yes"), "minibatch_std must be a bool"),
+])
+def test_bad_configuration_raises_value_error(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        DiscriminatorConfig(**kwargs)
+    assert message in str(error.value)
+    with pytest.raises(ValueError) as error:  # the Flax module validates before drawing weights
+        disc.Discriminator(**kwargs, rngs=nnx.Rngs(0))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("module", [ref, disc], ids=["numpy", "jax"])
+def test_bad_shapes_raise_value_error(module):
+    xp = np if module is ref else jnp
+    config = DiscriminatorConfig(16, max_channels=8)
+    params = ref.init_discriminator_params(_rng(), 16, max_channels=8)
+    message = r"images must have shape \[B, 16, 16, 3\] for resolution=16, got \(2, 16, 16, 1\)"
+    with pytest.raises(ValueError, match=message):
+        module.discriminator(params, xp.zeros((2, 16, 16, 1), xp.float32), config)
+    with pytest.raises(ValueError, match="images must have rank 4"):
+        module.discriminator(params, xp.zeros((16, 16, 3), xp.float32), config)
+    with pytest.raises(ValueError, match="kernel expects C_in=4 channels, x has 3"):
+        module.conv2d(xp.zeros((1, 4, 4, 3)), xp.zeros((3, 3, 4, 2)))
+    with pytest.raises(ValueError, match="even height and width, got height=6, width=3"):
+        module.blur_pool(xp.zeros((1, 6, 3, 2)))
+    with pytest.raises(ValueError, match="batch size 6 is not divisible by the group size 4"):
+        module.minibatch_stddev(xp.zeros((6, 4, 4, 2)), 4)
+
+
+# ---------------------------------------------------------------- JAX vs NumPy
+
+def test_jax_layers_equal_numpy():
+    rng = _rng(2)
+    x = rng.standard_normal((2, 8, 6, 12)).astype(np.float32)
+    for k in (1, 2, 3):
+        kernel = (rng.standard_normal((k, k, 12, 5)) / (3 * k)).astype(np.float32)
+        bias = rng.standard_normal(5).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(disc.conv2d(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))),
+                                   ref.conv2d(x, kernel, bias), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(disc.blur_pool(jnp.asarray(x))), ref.blur_pool(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(disc.avg_pool(jnp.asarray(x))), ref.avg_pool(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(disc.leaky_relu(jnp.asarray(x))), ref.leaky_relu(x))
+
+
+@st.composite
+def discriminator_cases(draw):
+    resolution = draw(st.sampled_from([8, 16]))
+    multiplier = draw(st.integers(1, 2))
+    max_channels = draw(st.sampled_from([4, 8, 12]))
+    kind = draw(st.sampled_from(["blur", "avg"]))
+    mbstd = draw(st.booleans())
+    group = draw(st.sampled_from([1, 2, 4]))
+    batch = draw(st.sampled_from([1, 2, 4]))
+    if batch % min(group, batch):
+        batch = group
+    seed = draw(st.integers(0, 2**16))
+    config = DiscriminatorConfig(resolution, multiplier, kind, mbstd, max_channels, group)
+    return config, batch, seed
+
+
+@given(discriminator_cases())
+def test_jax_discriminator_equals_numpy(case):
+    config, batch, seed = case
+    rng = _rng(seed)
+    params = ref.init_discriminator_params(rng, config.resolution, config.channel_multiplier,
+                                           max_channels=config.max_channels, minibatch_std=config.minibatch_std,
+                                           bias_std=0.1)
+    images = rng.uniform(-1, 1, (batch, config.resolution, config.resolution, 3)).astype(np.float32)
+    expected = ref.discriminator(params, images, config)
+    assert expected.shape == (batch,) and expected.dtype == np.float32
+    actual = disc.discriminator(jax.tree.map(jnp.asarray, params), jnp.asarray(images), config)
+    assert actual.shape == (batch,)
+    # logits are sums of O(1) terms that cancel: float32 rounding leaves an absolute error ~1e-7 (atol stated)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_images_are_independent_without_minibatch_std():
+    config = DiscriminatorConfig(16, max_channels=8)
+    params = ref.init_discriminator_params(_rng(3), 16, max_channels=8, bias_std=0.1)
+    images = _rng(4).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
+    together = ref.discriminator(params, images, config)
+    alone = np.concatenate([ref.discriminator(params, images[i:i + 1], config) for i in range(3)])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-7)
+
+
+def test_downsample_kind_changes_the_function_not_the_parameters():
+    params = ref.init_discriminator_params(_rng(5), 16, max_channels=8, bias_std=0.1)
+    images = _rng(6).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    blur = ref.discriminator(params, images, DiscriminatorConfig(16, max_channels=8, downsample="blur"))
+    avg = ref.discriminator(params, images, DiscriminatorConfig(16, max_channels=8, downsample="avg"))
+    assert not np.allclose(blur, avg, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- jit and grad
+
+def test_jit_and_input_gradient_against_finite_differences():
+    config = DiscriminatorConfig(8, max_channels=8)
+    params = ref.init_discriminator_params(_rng(7), 8, max_channels=8, bias_std=0.1)
+    images = _rng(8).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    jax_params = jax.tree.map(jnp.asarray, params)
+    jitted = jax.jit(disc.discriminator, static_argnums=2)
+    np.testing.assert_allclose(np.asarray(jitted(jax_params, jnp.asarray(images), config)),
+                               ref.discriminator(params, images, config), rtol=1e-5, atol=1e-6)
+    grad = np.asarray(jax.jit(jax.grad(lambda x: disc.discriminator(jax_params, x, config).sum()))(jnp.asarray(images)))
+    assert grad.shape == images.shape
+    # central differences of the float64 oracle, element by element (piecewise linear: tiny epsilon is exact)
+    params64 = jax.tree.map(lambda a: a.astype(np.float64), params)
+    images64, eps = images.astype(np.float64), 1e-7
+    fd = np.zeros_like(images64)
+    for index in np.ndindex(*images.shape):
+        plus, minus = images64.copy(), images64.copy()
+        plus[index] += eps
+        minus[index] -= eps
+        fd[index] = (ref.discriminator(params64, plus, config).sum()
+                     - ref.discriminator(params64, minus, config).sum()) / (2 * eps)
+    np.testing.assert_allclose(grad, fd, rtol=1e-4, atol=1e-6 * np.abs(fd).max())
+
+
+# ---------------------------------------------------------------- Flax module
+
+def test_flax_module_state_maps_onto_the_reference_tree():
+    model = disc.Discriminator(16, 2, minibatch_std=True, max_channels=8, mbstd_group_size=2, rngs=nnx.Rngs(0))
+    exported = disc.discriminator_params(model)
+    reference = ref.init_discriminator_params(_rng(), 16, 2, max_channels=8, minibatch_std=True)
+    assert jax.tree.structure(exported) == jax.tree.structure(reference)
+    jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), exported, reference)
+    assert disc.count_parameters(16, 2, minibatch_std=True, max_channels=8) == ref.count_parameters(reference)
+
+
+@given(discriminator_cases())
+def test_flax_module_equals_numpy_end_to_end(case):
+    config, batch, seed = case
+    rng = _rng(seed)
+    model = disc.Discriminator(config.resolution, config.channel_multiplier, config.downsample, config.minibatch_std,
+                               max_channels=config.max_channels, mbstd_group_size=config.mbstd_group_size,
+                               rngs=nnx.Rngs(seed))
+    images = rng.uniform(-1, 1, (batch, config.resolution, config.resolution, 3)).astype(np.float32)
+    # its own weights, through the NumPy oracle
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(images))),
+                               ref.discriminator(disc.discriminator_params(model), images, config),
+                               rtol=1e-5, atol=1e-6)
+    # NumPy weights with random biases, loaded into the module
+    params = ref.init_discriminator_params(rng, config.resolution, config.channel_multiplier,
+                                           max_channels=config.max_channels, minibatch_std=config.minibatch_std,
+                                           bias_std=0.1)
+    disc.load_discriminator_params(model, params)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(images))), ref.discriminator(params, images, config),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_flax_module_jit_and_grads_in_functional_form():
+    model = disc.Discriminator(16, max_channels=8, rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(model, nnx.Param)
+    images = jnp.asarray(_rng(9).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32))
+
+    @jax.jit
+    def loss(state, images):
+        return nnx.merge(graphdef, state)(images).mean()
+
+    grads_state, grads_images = jax.grad(loss, argnums=(0, 1))(state, images)
+    assert grads_images.shape == images.shape
+    leaves = jax.tree.leaves(grads_state)
+    assert len(leaves) == len(jax.tree.leaves(state))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+    out = nnx.jit(lambda m, x: m(x))(model, images)
+    assert out.shape == (2,)
+
+
+def test_flax_initialisation_scale():
+    params = disc.discriminator_params(disc.Discriminator(32, 2, max_channels=32, rngs=nnx.Rngs(0)))
+    for kernel, scale in [(params["blocks"][0]["conv1"]["kernel"], 2.0), (params["blocks"][1]["skip"]["kernel"], 1.0),
+                          (params["head"]["dense"]["kernel"], 2.0)]:
+        target = np.sqrt(scale / np.prod(kernel.shape[:-1]))
+        assert abs(kernel.std() / target - 1) < 0.15
+        assert np.abs(kernel).max() <= 2 / 0.8796256610342398 * target * (1 + 1e-5)  # truncated at 2 std
+    assert not np.any(params["from_rgb"]["bias"])
+
+
+def test_load_rejects_mismatched_tree():
+    model = disc.Discriminator(16, max_channels=8, rngs=nnx.Rngs(0))
+    message = r"parameter \['blocks'\]\[0\]\['conv1'\]\['bias'\]: the model has shape \(8,\), the tree \(4,\)"
+    with pytest.raises(ValueError, match=message):
+        disc.load_discriminator_params(model, ref.init_discriminator_params(_rng(), 16, max_channels=4))
+
+
+def test_parameter_counts_without_allocating():
+    for resolution, m in [(128, 1), (256, 2)]:
+        count = disc.count_parameters(resolution, m)
+        assert count == ref.parameter_count(DiscriminatorConfig(resolution, m))
+    assert disc.count_parameters(256, 2) == 28_862_593
+    assert disc.count_parameters(128, 1) == 23_880_833
