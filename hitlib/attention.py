@@ -25,7 +25,8 @@ def dot_product_attention(q, k, v):
     q: [..., Nq, d], k: [..., Nk, d], v: [..., Nk, dv] (leading dims broadcast) -> [..., Nq, dv].
     """
     check_dot_product_shapes(q.shape, k.shape, v.shape)
-    logits = jnp.einsum("...qd,...kd->...qk", q, k) * (1.0 / math.sqrt(q.shape[-1]))  # [..., Nq, Nk]
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale the queries (Nq·d products), not the logits (Nq·Nk)
+    logits = jnp.einsum("...qd,...kd->...qk", q, k)  # [..., Nq, Nk]
     return jnp.einsum("...qk,...kv->...qv", softmax(logits, axis=-1), v)  # [..., Nq, dv]
 
 
@@ -45,9 +46,9 @@ def _scores(q, k):
     "q [..., h, Nq, d], k [..., Nk, d] (one shared head) or [..., h, Nk, d] -> scores [..., h, Nq, Nk]."
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.ndim == q.ndim - 1:  # multi-query
-        logits = jnp.einsum("...hnd,...md->...hnm", q, k) * scale
+        logits = jnp.einsum("...hnd,...md->...hnm", q * scale, k)
     else:  # multi-head
-        logits = jnp.einsum("...hnd,...hmd->...hnm", q, k) * scale
+        logits = jnp.einsum("...hnd,...hmd->...hnm", q * scale, k)
     return softmax(logits, axis=-1)
 
 

@@ -68,7 +68,8 @@ def dot_product_attention(q, k, v):
     q: [..., Nq, d], k: [..., Nk, d], v: [..., Nk, dv] (leading dims broadcast) -> [..., Nq, dv].
     """
     check_dot_product_shapes(q.shape, k.shape, v.shape)
-    logits = np.einsum("...qd,...kd->...qk", q, k) * (1.0 / math.sqrt(q.shape[-1]))  # [..., Nq, Nk]
+    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale the queries (Nq·d products), not the logits (Nq·Nk)
+    logits = np.einsum("...qd,...kd->...qk", q, k)  # [..., Nq, Nk]
     weights = softmax(logits, axis=-1)  # [..., Nq, Nk], each row sums to 1
     return np.einsum("...qk,...kv->...qv", weights, v)  # [..., Nq, dv]
 
@@ -179,9 +180,9 @@ def _scores(q, k):
     "Softmax of the scaled logits: q [..., h, Nq, d], k [..., Nk, d] or [..., h, Nk, d] -> [..., h, Nq, Nk]."
     scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float keeps float32 inputs float32
     if k.ndim == q.ndim - 1:  # multi-query: one key head shared by all query heads
-        logits = np.einsum("...hnd,...md->...hnm", q, k) * scale
+        logits = np.einsum("...hnd,...md->...hnm", q * scale, k)
     else:  # multi-head: a key head per query head
-        logits = np.einsum("...hnd,...hmd->...hnm", q, k) * scale
+        logits = np.einsum("...hnd,...hmd->...hnm", q * scale, k)
     return softmax(logits, axis=-1)  # [..., h, Nq, Nk]
 
 
