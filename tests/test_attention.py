@@ -12,6 +12,13 @@ from hitlib import attention
 from hitlib.reference import attention as ref
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    "Parity needs true float32 products: JAX's default may be TF32 on GPUs or bfloat16 passes on TPUs."
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def random_params(seed, width, num_heads, kv_width, multi_query, kernel_scale=20.0, dtype=np.float32):
     "Random parameters with non-zero biases; kernels scaled up so that the scores are far from uniform."
     p = ref.init_attention_params(np.random.default_rng(seed), width, num_heads, kv_width=kv_width,
@@ -318,6 +325,10 @@ def _with(params, name, leaf, value):
          "leading dims of q (2,) and k (3,) do not broadcast"),
         (lambda m, xp: m.dot_product_attention(xp.zeros((4,)), xp.zeros((3, 4)), xp.zeros((3, 2))),
          "q must have rank >= 2 [..., N, d], got shape (4,)"),
+        (lambda m, xp: m.dot_product_attention(xp.zeros((5, 4)), xp.zeros((0, 4)), xp.zeros((0, 2))),
+         "k must have at least one token, got k shape (0, 4)"),
+        (lambda m, xp: m.dot_product_attention(xp.zeros((5, 4)), xp.zeros((2, 3, 4)), xp.zeros((3, 3, 2))),
+         "leading dims of k (2,) and v (3,) do not broadcast"),
     ],
 )
 def test_bad_input_names_the_argument(module, call, message):
@@ -334,6 +345,7 @@ def test_bad_input_names_the_argument(module, call, message):
         ({"width": 8, "num_heads": 0}, "num_heads must be a positive integer, got num_heads=0 (width=8)"),
         ({"width": 8, "num_heads": -2}, "num_heads must be a positive integer, got num_heads=-2 (width=8)"),
         ({"width": 8, "num_heads": 2, "kv_width": 0}, "kv_width must be a positive integer, got kv_width=0"),
+        ({"width": 0, "num_heads": 2}, "width must be a positive integer, got width=0 (num_heads=2)"),
     ],
 )
 def test_init_rejects_bad_sizes(kwargs, message):

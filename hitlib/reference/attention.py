@@ -246,7 +246,9 @@ def init_attention_params(rng, width: int, num_heads: int, kv_width=None, multi_
     """
     if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive integer, got num_heads={num_heads!r} (width={width})")
-    if not isinstance(width, (int, np.integer)) or width < 1 or width % num_heads:
+    if not isinstance(width, (int, np.integer)) or width < 1:
+        raise ValueError(f"width must be a positive integer, got width={width!r} (num_heads={num_heads})")
+    if width % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide width={width} (head_dim d = width / num_heads)")
     kv_width = width if kv_width is None else kv_width
     if not isinstance(kv_width, (int, np.integer)) or kv_width < 1:
