@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['conv2d', 'blur_pool', 'avg_pool', 'downsample', 'leaky_relu', 'dense', 'residual_block', 'minibatch_stddev',
            'discriminator_head', 'discriminator', 'Conv', 'Dense', 'ResidualBlock', 'Head', 'Discriminator',
-           'discriminator_params', 'load_discriminator_params', 'count_parameters']
+           'discriminator_params', 'load_discriminator_params', 'parameter_count']
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #7dd98835
 import math
@@ -228,7 +228,9 @@ def load_discriminator_params(model: Discriminator, params: dict) -> Discriminat
     return model
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #094030fa
-def count_parameters(resolution: int, channel_multiplier: int = 1, **kwargs) -> int:
-    "Parameters of `Discriminator(resolution, channel_multiplier, **kwargs)`, counted abstractly (nothing allocated)."
-    model = nnx.eval_shape(lambda: Discriminator(resolution, channel_multiplier, rngs=nnx.Rngs(0), **kwargs))
+def parameter_count(config: DiscriminatorConfig) -> int:
+    "Parameters of the `Discriminator` of `config`, counted on its abstract state (`nnx.eval_shape`: nothing allocated)."
+    model = nnx.eval_shape(lambda: Discriminator(config.resolution, config.channel_multiplier, config.downsample,
+                                                 config.minibatch_std, max_channels=config.max_channels,
+                                                 mbstd_group_size=config.mbstd_group_size, rngs=nnx.Rngs(0)))
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))))
