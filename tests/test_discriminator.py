@@ -12,6 +12,14 @@ from hitlib.reference import discriminator as ref
 from hitlib.reference.discriminator import DiscriminatorConfig
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def full_float32_precision():
+    "Parity needs true float32 convolutions and products: JAX's default may be TF32 on GPUs, bfloat16 passes on TPUs."
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _rng(seed=0):
     return np.random.default_rng(seed)
 
