@@ -31,8 +31,9 @@ def gelu(x):
 
 
 def gelu_tanh(x):
-    "The tanh approximation of GELU: ½x(1 + tanh(√(2/π)(x + 0.044715 x³))). Any shape."
-    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    "The tanh approximation of GELU, ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715 x³), computed as x·σ(2u). Any shape."
+    u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+    return x * jax.nn.sigmoid(2.0 * u)
 
 # %% ../notebooks/05b_high_resolution_jax.ipynb #75103bf7
 def layer_norm(x, params, eps: float = 1e-6):

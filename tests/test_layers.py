@@ -1,5 +1,6 @@
 """Chapter 5 (high-resolution stages, Algorithm 1; Table 8 left): dense, GELU, LN/BN, MLP block, to-RGB, skip image and
 stage transition — NumPy vs naive loops, JAX vs NumPy, norm properties, jit/grad, bad input."""
+import functools
 import math
 
 import jax
@@ -77,6 +78,14 @@ def test_gelu_tanh_is_close_but_not_equal():
     x = np.linspace(-5, 5, 1001)
     difference = np.abs(ref.gelu_tanh(x) - ref.gelu(x)).max()
     assert 1e-4 < difference < 1e-3
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+    literal = 0.5 * x * (1 + np.tanh(u))  # the textbook form, float64
+    np.testing.assert_allclose(ref.gelu_tanh(x), literal, rtol=1e-9, atol=1e-15)
+    # float32: the sigmoid form keeps its relative accuracy where 1 + tanh(u) cancels
+    t = np.float32(-3.5399356)
+    u64 = math.sqrt(2 / math.pi) * (float(t) + 0.044715 * float(t) ** 3)
+    assert abs(ref.gelu_tanh(t) / (float(t) / (1 + math.exp(-2 * u64))) - 1) < 1e-5
+    assert ref.gelu_tanh(t).dtype == np.float32
 
 
 @given(token_maps(), kinds, st.booleans())
@@ -245,32 +254,59 @@ def test_three_stage_image_accumulation():
 # ---------------------------------------------------------------- JAX vs NumPy
 
 
+# One jitted function per test traces every JAX layer at once: one compilation per drawn shape instead of one per
+# primitive (eager mode), which keeps these property tests fast. `test_jax_eager_equals_numpy` covers eager mode.
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "running"))
+def _jax_norm_outputs(x, norm_params, mlp_params, kind, running):
+    out = {"normalize": layers.normalize(x, norm_params, kind, use_running_average=running),
+           "mlp_block": layers.mlp_block(x, mlp_params, kind, running)}
+    if kind == "batch":
+        out["mean"], out["var"] = layers.batch_moments(x)
+        out["batch_norm"] = layers.batch_norm(x, norm_params, use_running_average=running)
+    else:
+        out["layer_norm"] = layers.layer_norm(x, norm_params)
+    return out
+
+
 @given(token_maps(), kinds, st.booleans())
 def test_jax_norms_and_mlp_block_equal_numpy(case, kind, running):
     x, seed = case
     r = np.random.default_rng(seed)
     norm_params = ref.init_norm(r, x.shape[-1], kind, random=True)
-    assert_parity(layers.normalize(jnp.asarray(x), to_jax(norm_params), kind, use_running_average=running),
-                  ref.normalize(x, norm_params, kind, use_running_average=running))
     mlp_params = ref.init_mlp_block(r, x.shape[-1], kind, random_norm=True, bias_std=0.2)
-    assert_parity(layers.mlp_block(jnp.asarray(x), to_jax(mlp_params), kind, running),
-                  ref.mlp_block(x, mlp_params, kind, running))
+    actual = _jax_norm_outputs(jnp.asarray(x), to_jax(norm_params), to_jax(mlp_params), kind=kind, running=running)
+    expected = {"normalize": ref.normalize(x, norm_params, kind, use_running_average=running),
+                "mlp_block": ref.mlp_block(x, mlp_params, kind, running)}
     if kind == "batch":
-        for actual, expected in zip(layers.batch_moments(jnp.asarray(x)), ref.batch_moments(x)):
-            assert_parity(actual, expected)
-        assert_parity(layers.batch_norm(jnp.asarray(x), to_jax(norm_params), use_running_average=running),
-                      ref.batch_norm(x, norm_params, use_running_average=running))
+        expected["mean"], expected["var"] = ref.batch_moments(x)
+        expected["batch_norm"] = ref.batch_norm(x, norm_params, use_running_average=running)
     else:
-        assert_parity(layers.layer_norm(jnp.asarray(x), to_jax(norm_params)), ref.layer_norm(x, norm_params))
+        expected["layer_norm"] = ref.layer_norm(x, norm_params)
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert_parity(actual[name], expected[name])
+
+
+@jax.jit
+def _jax_dense_gelu_outputs(x, params):
+    return layers.dense(x, params), layers.gelu(x), layers.gelu_tanh(x)
 
 
 @given(token_maps(min_rank=1), st.integers(1, 5))
 def test_jax_dense_and_gelu_equal_numpy(case, c_out):
     x, seed = case
     params = ref.init_dense(np.random.default_rng(seed), x.shape[-1], c_out, bias_std=0.5)
-    assert_parity(layers.dense(jnp.asarray(x), to_jax(params)), ref.dense(x, params))
-    assert_parity(layers.gelu(jnp.asarray(x)), ref.gelu(x))
-    assert_parity(layers.gelu_tanh(jnp.asarray(x)), ref.gelu_tanh(x))
+    actual = _jax_dense_gelu_outputs(jnp.asarray(x), to_jax(params))
+    for a, e in zip(actual, (ref.dense(x, params), ref.gelu(x), ref.gelu_tanh(x))):
+        assert_parity(a, e)
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def _jax_image_outputs(x, rgb_params, image, rgb, transition, kind):
+    return (layers.to_rgb(x, rgb_params, kind), layers.rgb_skip(image, rgb), layers.rgb_skip(None, rgb),
+            layers.stage_transition(x, transition))
 
 
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.sampled_from([4, 8, 16]), st.integers(1, 6),
@@ -279,19 +315,55 @@ def test_jax_to_rgb_skip_and_transition_equal_numpy(batch, height, width, channe
     r = np.random.default_rng(seed)
     x = r.standard_normal((batch, height, width, channels)).astype(np.float32)
     p_rgb = ref.init_to_rgb(r, channels, kind, random_norm=True, bias_std=0.1)
-    assert_parity(layers.to_rgb(jnp.asarray(x), to_jax(p_rgb), kind), ref.to_rgb(x, p_rgb, kind))
     rgb = r.standard_normal((batch, 2 * height, 2 * width, 3)).astype(np.float32)
     image = r.standard_normal((batch, height, width, 3)).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(layers.rgb_skip(jnp.asarray(image), jnp.asarray(rgb))),
-                                  ref.rgb_skip(image, rgb))
-    np.testing.assert_array_equal(np.asarray(layers.rgb_skip(None, jnp.asarray(rgb))), rgb)
     t = ref.init_stage_transition(r, channels, c_next, bias_std=0.1)
     out = ref.stage_transition(x, t)
     assert out.shape == (batch, 2 * height, 2 * width, c_next)
+    to_rgb, skip, start, transition = _jax_image_outputs(jnp.asarray(x), to_jax(p_rgb), jnp.asarray(image),
+                                                         jnp.asarray(rgb), to_jax(t), kind=kind)
+    assert_parity(to_rgb, ref.to_rgb(x, p_rgb, kind))
+    np.testing.assert_array_equal(np.asarray(skip), ref.rgb_skip(image, rgb))  # data movement and one add: exact
+    np.testing.assert_array_equal(np.asarray(start), rgb)
     if t is None:
-        np.testing.assert_array_equal(np.asarray(layers.stage_transition(jnp.asarray(x), None)), out)
+        np.testing.assert_array_equal(np.asarray(transition), out)
     else:
-        assert_parity(layers.stage_transition(jnp.asarray(x), to_jax(t)), out)
+        assert_parity(transition, out)
+
+
+@pytest.mark.parametrize("kind", ref.NORM_KINDS)
+def test_jax_eager_equals_numpy(kind):
+    "Every JAX function outside jit, on one fixed shape."
+    r = np.random.default_rng(12)
+    x = r.standard_normal((2, 2, 4, 8)).astype(np.float32)
+    xj = jnp.asarray(x)
+    p_norm = ref.init_norm(r, 8, kind, random=True)
+    p_mlp = ref.init_mlp_block(r, 8, kind, random_norm=True, bias_std=0.1)
+    p_rgb = ref.init_to_rgb(r, 8, kind, random_norm=True, bias_std=0.1)
+    p_dense = ref.init_dense(r, 8, 5, bias_std=0.1)
+    t = ref.init_stage_transition(r, 8, 4, bias_std=0.1)
+    assert_parity(layers.dense(xj, to_jax(p_dense)), ref.dense(x, p_dense))
+    assert_parity(layers.gelu(xj), ref.gelu(x))
+    assert_parity(layers.gelu_tanh(xj), ref.gelu_tanh(x))
+    for running in (False, True):
+        assert_parity(layers.normalize(xj, to_jax(p_norm), kind, use_running_average=running),
+                      ref.normalize(x, p_norm, kind, use_running_average=running))
+        assert_parity(layers.mlp_block(xj, to_jax(p_mlp), kind, running), ref.mlp_block(x, p_mlp, kind, running))
+        assert_parity(layers.to_rgb(xj, to_jax(p_rgb), kind, running), ref.to_rgb(x, p_rgb, kind, running))
+    if kind == "batch":
+        for running in (False, True):
+            assert_parity(layers.batch_norm(xj, to_jax(p_norm), use_running_average=running),
+                          ref.batch_norm(x, p_norm, use_running_average=running))
+        for a, e in zip(layers.batch_moments(xj), ref.batch_moments(x)):
+            assert_parity(a, e)
+    else:
+        assert_parity(layers.layer_norm(xj, to_jax(p_norm)), ref.layer_norm(x, p_norm))
+    assert_parity(layers.stage_transition(xj, to_jax(t)), ref.stage_transition(x, t))
+    np.testing.assert_array_equal(np.asarray(layers.stage_transition(xj, None)), ref.stage_transition(x, None))
+    rgb = ref.to_rgb(x, p_rgb, kind)
+    image = r.standard_normal((2, 1, 2, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(layers.rgb_skip(jnp.asarray(image), jnp.asarray(rgb))),
+                                  ref.rgb_skip(image, rgb))
 
 
 def test_jax_preserves_bfloat16():
@@ -405,6 +477,7 @@ P_BN = ref.init_norm(None, 4, "batch")
         (lambda m, xp: m.rgb_skip(xp.zeros((1, 4, 4, 3)), xp.zeros((1, 4, 4, 3))),
          "image has shape (1, 4, 4, 3), but rgb of shape (1, 4, 4, 3) needs the previous image at half its resolution"),
         (lambda m, xp: m.rgb_skip(None, xp.zeros((1, 4, 4, 4))), "rgb must have 3 channels"),
+        (lambda m, xp: m.rgb_skip(xp.zeros((1, 1, 2, 3)), xp.zeros((1, 3, 4, 3))), "has an odd height or width"),
         (lambda m, xp: m.rgb_skip(xp.zeros((2, 2, 3)), xp.zeros((1, 4, 4, 3))), "image must have rank 4"),
         (lambda m, xp: m.stage_transition(xp.zeros((1, 4, 4, 6)), None), "channels divisible by 4, got shape (1, 4, 4, 6)"),
         (lambda m, xp: m.stage_transition(xp.zeros((4, 4, 8)), None), "x must have rank 4 [B, H, W, C]"),
