@@ -36,18 +36,28 @@ def gelu_tanh(x):
     return x * jax.nn.sigmoid(2.0 * u)
 
 # %% ../notebooks/05b_high_resolution_jax.ipynb #75103bf7
+def _stats_dtype(dtype):
+    "The dtype norms compute in: float32 for bfloat16/float16 inputs, the input's own dtype otherwise."
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def layer_norm(x, params, eps: float = 1e-6):
-    "Layer norm over the last axis: x [..., C]; params {scale, bias} [C] -> [..., C] (biased variance, two-pass)."
+    """Layer norm over the last axis: x [..., C]; params {scale, bias} [C] -> [..., C] in x's dtype (biased variance,
+    two-pass, computed in at least float32)."""
     check_eps(eps)
     check_norm(x.shape, params, "layer")
-    mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
-    var = jnp.square(x - mean).mean(axis=-1, keepdims=True)  # [..., 1]
-    return (x - mean) / jnp.sqrt(var + eps) * params["scale"] + params["bias"]
+    xf = x.astype(_stats_dtype(x.dtype))
+    mean = xf.mean(axis=-1, keepdims=True)  # [..., 1]
+    var = jnp.square(xf - mean).mean(axis=-1, keepdims=True)  # [..., 1]
+    y = (xf - mean) / jnp.sqrt(var + eps) * params["scale"] + params["bias"]
+    return y.astype(x.dtype)
 
 
 def batch_moments(x):
-    "Per-channel mean and biased variance over all axes but the last: x [B, ..., C] -> (mean [C], var [C])."
+    """Per-channel mean and biased variance over all axes but the last: x [B, ..., C] -> (mean [C], var [C]), in at
+    least float32."""
     check_rank_at_least(x.shape, 2, "x", "[B, ..., C]")
+    x = x.astype(_stats_dtype(x.dtype))
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axis=axes)  # [C]
     var = jnp.square(x - mean).mean(axis=axes)  # [C], two-pass
@@ -55,19 +65,21 @@ def batch_moments(x):
 
 
 def batch_norm(x, params, eps: float = 1e-3, use_running_average: bool = False):
-    """Batch norm over all axes but the last: x [B, ..., C]; params {scale, bias, mean, var} [C] -> [B, ..., C].
+    """Batch norm over all axes but the last: x [B, ..., C]; params {scale, bias, mean, var} [C] -> [B, ..., C] in x's
+    dtype (computed in at least float32).
 
     Training mode normalises with `batch_moments(x)` (gradients flow through them), inference mode with params' running
     mean and var. Updating the running averages is the Flax module's job (chapter 7).
     """
     check_eps(eps)
     check_norm(x.shape, params, "batch")
+    xf = x.astype(_stats_dtype(x.dtype))
     if use_running_average:
         mean, var = params["mean"], params["var"]
     else:
-        mean, var = batch_moments(x)
+        mean, var = batch_moments(xf)
     inv = params["scale"] / jnp.sqrt(var + eps)  # [C]
-    return (x - mean) * inv + params["bias"]
+    return ((xf - mean) * inv + params["bias"]).astype(x.dtype)
 
 
 def normalize(x, params, kind: str, eps=None, use_running_average: bool = False):

@@ -366,10 +366,23 @@ def test_jax_eager_equals_numpy(kind):
                                   ref.rgb_skip(image, rgb))
 
 
-def test_jax_preserves_bfloat16():
-    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 4, 4, 8)), jnp.bfloat16)
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), ref.init_mlp_block(np.random.default_rng(8), 8, "batch"))
-    assert layers.mlp_block(x, params).dtype == jnp.bfloat16
+@pytest.mark.parametrize("kind", ref.NORM_KINDS)
+def test_jax_bfloat16_keeps_dtype_and_float32_statistics(kind):
+    "bfloat16 in, bfloat16 out; the norms' statistics in float32, so only the output rounding (2^-8) is lost."
+    r = np.random.default_rng(7)
+    x = jnp.asarray(r.standard_normal((2, 16, 16, 8)) * 3 + 100, jnp.bfloat16)  # large offset: bf16 sums would drift
+    p_norm = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), ref.init_norm(r, 8, kind, random=True))
+    x32, p32 = np.asarray(x, np.float32), jax.tree.map(lambda a: np.asarray(a, np.float32), p_norm)
+    for running in (False, True):
+        y = layers.normalize(x, p_norm, kind, use_running_average=running)
+        assert y.dtype == jnp.bfloat16
+        expected = ref.normalize(x32, p32, kind, use_running_average=running)
+        np.testing.assert_allclose(np.asarray(y, np.float32), expected, rtol=2**-8, atol=2**-8 * np.abs(expected).max())
+    mean, var = layers.batch_moments(x)
+    assert mean.dtype == var.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(mean), ref.batch_moments(x32)[0], rtol=1e-6)
+    p_mlp = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), ref.init_mlp_block(r, 8, kind))
+    assert layers.mlp_block(x, p_mlp, kind).dtype == jnp.bfloat16
 
 
 # ---------------------------------------------------------------- jit and grad
