@@ -1,0 +1,169 @@
+"""Chapter 7: the Flax NNX generator equals the NumPy oracle on identical weights, per stage and end to end;
+parameter counts reproduce the paper; the forward pass and a gradient step shard over 8 host devices."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hitlib.config import get_config
+from hitlib.generator import Generator, load_reference_params, reference_params, summary
+from hitlib.reference import generator as ref
+
+# float32 parity tolerance, end to end through every stage (stated in chapter 7b).
+RTOL, ATOL = 2e-4, 2e-5
+
+SMALL = ["tiny", "norm=layer", "multi_query=false", "attention=full", "attention=axial", "attention=blocked_local",
+         "attention=interleaved"]
+
+
+def small_config(variant="tiny"):
+    overrides = [] if variant == "tiny" else [variant]
+    if variant == "attention=interleaved":
+        overrides.append("num_layers=2")
+    return get_config("tiny", overrides + ["latent_dim=16", "widths=32,16,16", "num_heads=4,2,2"])
+
+
+def random_pair(config, seed=0):
+    "A Flax model and its NumPy reference tree holding the same random (non-trivial) weights."
+    params = ref.init_generator_params(config, np.random.default_rng(seed), bias_std=0.05, random_norm=True)
+    model = load_reference_params(Generator(config, rngs=nnx.Rngs(seed)), params)
+    return model, params
+
+
+@pytest.mark.parametrize("variant", SMALL)
+@pytest.mark.parametrize("train", [True, False])
+def test_flax_equals_numpy_end_to_end(variant, train):
+    config = small_config(variant)
+    model, params = random_pair(config)
+    z = np.random.default_rng(1).standard_normal((3, config.latent_dim)).astype(np.float32)
+    expected = ref.generator(params, z, config, use_running_average=not train)
+    actual = np.asarray(model(jnp.asarray(z), train=train))
+    assert actual.shape == (3, config.resolution, config.resolution, 3)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_flax_equals_numpy_per_stage():
+    config = small_config()
+    model, params = random_pair(config, seed=3)
+    z = np.random.default_rng(2).standard_normal((2, config.latent_dim)).astype(np.float32)
+    latent = ref.latent_embedding(z, params["latent"], config)
+    np.testing.assert_allclose(np.asarray(model.latent(jnp.asarray(z), train=True)), latent, rtol=RTOL, atol=ATOL)
+    x = np.random.default_rng(4).standard_normal((2, 8, 8, config.widths[0])).astype(np.float32)
+    image = None
+    for spec, stage, stage_params in zip(config.stages, model.stages, params["stages"]):
+        expected_x, expected_image = ref.generator_stage(x, latent, image, stage_params, spec, config)
+        actual_x, actual_image = stage(jnp.asarray(x), jnp.asarray(latent),
+                                       None if image is None else jnp.asarray(image), train=True)
+        if expected_image is not None:
+            np.testing.assert_allclose(np.asarray(actual_image), expected_image, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(np.asarray(actual_x), expected_x, rtol=RTOL, atol=ATOL)
+        x, image = expected_x, expected_image
+
+
+def test_weights_round_trip_and_mismatch_is_named():
+    config = small_config()
+    model, params = random_pair(config)
+    back = reference_params(model)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    params["stages"][0]["pos"] = params["stages"][0]["pos"][:4]
+    with pytest.raises(ValueError, match=r"\['stages'\]\[0\]\['pos'\]"):
+        load_reference_params(model, params)
+
+
+def test_batchnorm_statistics_update_only_in_training():
+    config = small_config()
+    model = Generator(config, rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+    z = jax.random.normal(jax.random.key(0), (4, config.latent_dim))
+    model(z, train=False)
+    same = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(same)))
+    model(z, train=True)
+    after = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+@pytest.mark.parametrize("name, millions", [("hit-b-256", 46.22), ("hit-l-256", 97.46), ("hit-l-128", 67.60)])
+def test_parameter_counts_reproduce_the_paper(name, millions):
+    assert round(summary(get_config(name), flops=False)["params"] / 1e6, 2) == millions
+
+
+@pytest.mark.parametrize("a, millions", [(0, 61.55), (1, 66.01), (2, 67.19), (3, 67.52), (4, 67.60)])
+def test_table6_parameter_counts(a, millions):
+    config = get_config("hit-l-128", [f"attention_stages={a}"])
+    assert round(summary(config, flops=False)["params"] / 1e6, 2) == millions
+
+
+def test_summary_stages_add_up():
+    result = summary(get_config("tiny"))
+    assert result["params"] == result["params_input"] + sum(s["params"] for s in result["stages"])
+    assert result["flops"] > 0 and len(result["stages"]) == 3
+
+
+def test_jit_grad_and_bfloat16():
+    config = small_config()
+    model = Generator(config, rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(0), (2, config.latent_dim))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+    @jax.jit
+    def loss(params, stats, z):
+        return jnp.mean(nnx.merge(graphdef, params, stats, copy=True)(z, train=True) ** 2)
+
+    grads = jax.grad(loss)(params, stats, z)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert any(np.any(g != 0) for g in jax.tree.leaves(grads))
+    low = Generator(get_config("tiny", ["latent_dim=16", "widths=32,16,16", "num_heads=4,2,2",
+                                        "compute_dtype=bfloat16"]), rngs=nnx.Rngs(0))
+    load_reference_params(low, reference_params(model))
+    np.testing.assert_allclose(np.asarray(low(z)), np.asarray(model(z)), atol=0.1)
+
+
+SHARDED = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from hitlib.config import get_config
+    from hitlib.generator import Generator
+    assert jax.device_count() == 8
+    config = get_config("tiny", ["latent_dim=16", "widths=32,16,16", "num_heads=4,2,2"])
+    graphdef, params, stats = nnx.split(Generator(config, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    z = jax.random.normal(jax.random.key(1), (16, config.latent_dim))
+
+    def loss(params, stats, z):
+        return jnp.mean(nnx.merge(graphdef, params, stats, copy=True)(z, train=True) ** 2)
+
+    def step(params, stats, z):
+        value, grads = jax.value_and_grad(loss)(params, stats, z)
+        return value, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+    forward = jax.jit(lambda params, stats, z: nnx.merge(graphdef, params, stats, copy=True)(z, train=True))
+    one_out, (one_loss, one_params) = forward(params, stats, z), jax.jit(step)(params, stats, z)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    params_s, stats_s, z_s = jax.device_put(params, rep), jax.device_put(stats, rep), jax.device_put(z, dat)
+    out = forward(params_s, stats_s, z_s)
+    assert len(out.sharding.device_set) == 8, out.sharding
+    loss_s, params_new = jax.jit(step)(params_s, stats_s, z_s)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(one_out), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(loss_s), float(one_loss), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params_new), jax.tree.leaves(one_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    print("sharded ok")
+""")
+
+
+def test_forward_and_gradient_step_sharded_over_8_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sharded ok" in result.stdout
