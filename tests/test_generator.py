@@ -167,3 +167,22 @@ def test_forward_and_gradient_step_sharded_over_8_devices():
     result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout
+
+
+def test_tiled_inference_equals_the_oracle(monkeypatch):
+    "High-resolution stages run tile by tile at inference; many small tiles give the oracle's numbers."
+    from hitlib import generator as generator_module
+    monkeypatch.setattr(generator_module, "INFERENCE_TILE_TOKENS", 96)  # 3 images x 32 pixels per tile: 32 tiles
+    assert generator_module.tile_size(3, 32 * 32) == 32
+    config = small_config()
+    model, params = random_pair(config, seed=5)
+    z = np.random.default_rng(6).standard_normal((3, config.latent_dim)).astype(np.float32)
+    expected = ref.generator(params, z, config, use_running_average=True)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(z), train=False)), expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("batch, tokens, size", [(1, 65536, 8192), (32, 65536, 256), (32, 64, 64), (3, 1024, 1024),
+                                                 (10000, 64, 1)])
+def test_tile_size(batch, tokens, size):
+    from hitlib.generator import tile_size
+    assert tile_size(batch, tokens) == size
