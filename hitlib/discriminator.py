@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .generator import load_reference_params, reference_params
 from .reference.discriminator import (BLUR_TAPS, DiscriminatorConfig, blur_filter, check_conv, check_even,
                                             check_images, check_minibatch_std, same_padding)
 
@@ -189,43 +190,14 @@ class Discriminator(nnx.Module):
         return discriminator(self.as_params(), images, self.config)
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #78447224
-def _lists_to_dicts(tree):
-    if isinstance(tree, list):
-        return {i: _lists_to_dicts(v) for i, v in enumerate(tree)}
-    if isinstance(tree, dict):
-        return {k: _lists_to_dicts(v) for k, v in tree.items()}
-    return tree
-
-
-def _dicts_to_lists(tree):
-    if isinstance(tree, dict):
-        if tree and all(isinstance(k, int) for k in tree):
-            return [_dicts_to_lists(tree[i]) for i in range(len(tree))]
-        return {k: _dicts_to_lists(v) for k, v in tree.items()}
-    return np.asarray(tree)
-
-
 def discriminator_params(model: Discriminator) -> dict:
-    "The module's parameters as a NumPy tree in chapter 9a's layout."
-    return _dicts_to_lists(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
-
-def _shapes(tree) -> dict:
-    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    "The module's parameters as a NumPy tree in chapter 9a's layout (chapter 7b's `reference_params`)."
+    return reference_params(model)
 
 
 def load_discriminator_params(model: Discriminator, params: dict) -> Discriminator:
     "Overwrite the module's parameters with a reference tree; `ValueError` naming the first mismatched leaf."
-    state = nnx.state(model, nnx.Param)
-    expected, given = _shapes(nnx.to_pure_dict(state)), _shapes(_lists_to_dicts(params))
-    for key in sorted(set(expected) | set(given)):
-        if expected.get(key) != given.get(key):
-            raise ValueError(f"parameter {key}: the model has shape {expected.get(key)}, the tree {given.get(key)} "
-                             "(None: missing)")
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _lists_to_dicts(params)))
-    nnx.update(model, state)
-    return model
+    return load_reference_params(model, params)
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #094030fa
 def parameter_count(config: DiscriminatorConfig) -> int:
