@@ -368,7 +368,6 @@ def summary(config: GeneratorConfig, flops: bool = True) -> dict:
               "batch_stats": _count(nnx.state(model, nnx.BatchStat)), "stages": []}
     dtype = compute_dtype(config)
     if flops:
-        z = jax.ShapeDtypeStruct((1, config.latent_dim), jnp.float32)
         result["flops_input"] = _flops(model.initial, jax.ShapeDtypeStruct((1, config.latent_dim), dtype)) + \
             _flops(model.latent, jax.ShapeDtypeStruct((1, config.latent_dim), dtype))
     image = None
