@@ -16,7 +16,8 @@ from flax import nnx
 from .blocking import block, unblock
 from .config import GeneratorConfig, StageSpec
 from .cross_attention import cross_attention, latent_tokens
-from .layers import batch_moments, batch_norm, dense, gelu, layer_norm, rgb_skip, stage_transition
+from .layers import (batch_moments, batch_norm, batch_norm_running_update, dense, gelu, layer_norm,
+                           rgb_skip, stage_transition)
 from .multi_axis import (axial_attention, dilated_attention, full_attention, multi_axis_attention,
                                regional_attention)
 
@@ -70,10 +71,11 @@ class Norm(nnx.Module):
         if self.kind == "layer":
             return layer_norm(x, params)
         if train:
-            mean, var = batch_moments(x)  # [C] each, float32; gradients flow through them
-            m = self.momentum
-            self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
-            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+            mean, var = batch_moments(x)  # [C] each, float32, var biased: they normalise (with gradients)
+            running = {"mean": self.mean[...], "var": self.var[...]}
+            running = batch_norm_running_update(x, running, self.momentum)  # Keras': the unbiased var·n/(n-1)
+            self.mean[...] = jax.lax.stop_gradient(running["mean"])
+            self.var[...] = jax.lax.stop_gradient(running["var"])
         else:
             mean, var = self.mean[...], self.var[...]
         return batch_norm(x, dict(params, mean=mean, var=var), use_running_average=True)

@@ -1,9 +1,11 @@
-"""Chapter 7: the Flax NNX generator equals the NumPy oracle on identical weights, per stage and end to end;
-parameter counts reproduce the paper; the forward pass and a gradient step shard over 8 host devices."""
+"""Chapter 7: the Flax NNX generator equals the NumPy oracle on identical weights, per stage and end to end,
+and so do its running statistics after a training step (Keras' unbiased variance); parameter counts
+reproduce the paper; the forward pass and a gradient step shard over 8 host devices."""
 import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +14,16 @@ import pytest
 from flax import nnx
 
 from hitlib.config import get_config
-from hitlib.generator import Generator, load_reference_params, reference_params, summary
+from hitlib.generator import Generator, Norm, load_reference_params, reference_params, summary
 from hitlib.reference import generator as ref
+from hitlib.reference import layers as ref_layers
 
 # float32 parity tolerance, end to end through every stage (stated in chapter 7b).
 RTOL, ATOL = 2e-4, 2e-5
+# float32 parity of the running statistics after one training call (chapter 7b): the 0.99·old term
+# dominates, the measured difference is one float32 rounding or less; atol for the means (they cross zero).
+STATS_RTOL, STATS_ATOL = 1e-5, 1e-7
+MOMENTUM = 0.99  # Keras' BatchNormalization, the release's
 
 SMALL = ["tiny", "norm=layer", "multi_query=false", "attention=full", "attention=axial", "attention=blocked_local",
          "attention=interleaved"]
@@ -34,6 +41,34 @@ def random_pair(config, seed=0):
     params = ref.init_generator_params(config, np.random.default_rng(seed), bias_std=0.05, random_norm=True)
     model = load_reference_params(Generator(config, rngs=nnx.Rngs(seed)), params)
     return model, params
+
+
+def oracle_running_updates(params, z, config):
+    """The NumPy oracle's running statistics after one training-mode `ref.generator` call, recorded at
+    each batch norm (they all go through `normalize`):
+    {id(norm params): (n values per channel, biased batch var, new {mean, var})}."""
+    records, normalize = {}, ref_layers.normalize
+
+    def recording(x, p, kind, eps=None, use_running_average=False):
+        if kind == "batch" and not use_running_average:
+            assert id(p) not in records  # every batch norm runs once per call
+            records[id(p)] = (x.size // x.shape[-1], ref_layers.batch_moments(x)[1],
+                              ref_layers.batch_norm_running_update(x, p, MOMENTUM))
+        return normalize(x, p, kind, eps, use_running_average)
+
+    with mock.patch.object(ref_layers, "normalize", recording):  # mlp_block and to_rgb
+        with mock.patch.object(ref, "normalize", recording):  # the latent and the attention blocks
+            ref.generator(params, z, config)
+    return records
+
+
+def batch_norm_paths(tree, path=()):
+    "(path, params) of every batch norm in a chapter 7a tree."
+    if isinstance(tree, dict) and set(tree) == {"scale", "bias", "mean", "var"}:
+        yield path, tree
+    elif isinstance(tree, (dict, list)):
+        for key, value in tree.items() if isinstance(tree, dict) else enumerate(tree):
+            yield from batch_norm_paths(value, path + (key,))
 
 
 @pytest.mark.parametrize("variant", SMALL)
@@ -64,6 +99,70 @@ def test_flax_equals_numpy_per_stage():
             np.testing.assert_allclose(np.asarray(actual_image), expected_image, rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(np.asarray(actual_x), expected_x, rtol=RTOL, atol=ATOL)
         x, image = expected_x, expected_image
+
+
+@pytest.mark.parametrize("variant", ["tiny", "multi_query=false", "attention=axial"])
+def test_training_mode_statistics_equal_numpy(variant):
+    """After one training-mode call on the same weights, every batch norm's running mean and var equal the
+    oracle's (chapter 5a's `batch_norm_running_update` of that norm's input; rtol 1e-5, atol 1e-7), and
+    nothing else moved."""
+    config = small_config(variant)
+    model, params = random_pair(config, seed=5)
+    z = np.random.default_rng(6).standard_normal((3, config.latent_dim)).astype(np.float32)
+    model(jnp.asarray(z), train=True)
+    records, trained = oracle_running_updates(params, z, config), reference_params(model)
+    after = dict(batch_norm_paths(trained))
+    norms = list(batch_norm_paths(params))
+    assert len(records) == len(norms) == len(after) == 13
+    for path, p in norms:
+        for key in ("mean", "var"):
+            np.testing.assert_allclose(after[path][key], records[id(p)][2][key], rtol=STATS_RTOL,
+                                       atol=STATS_ATOL, err_msg=f"{path} {key}")
+            assert not np.array_equal(after[path][key], p[key])
+    flat = jax.tree_util.tree_flatten_with_path(trained)[0]
+    for (path, a), b in zip(flat, jax.tree.leaves(params), strict=True):
+        if not jax.tree_util.keystr(path).endswith(("['mean']", "['var']")):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_generator_running_variance_is_unbiased():
+    """From zero running statistics one training call leaves (1 - m) times the batch statistic, so the
+    factor shows: running var = (1 - m)·biased var·n/(n - 1) in every batch norm (rtol 1e-5). The biased
+    update of before, (1 - m)·biased var, is 1/(n - 1) >= 3.3e-4 away (n <= 3072 here) and fails."""
+    config = small_config()
+    _, params = random_pair(config, seed=7)
+    for _, p in batch_norm_paths(params):
+        p["mean"], p["var"] = np.zeros_like(p["mean"]), np.zeros_like(p["var"])
+    model = load_reference_params(Generator(config, rngs=nnx.Rngs(0)), params)
+    z = np.random.default_rng(8).standard_normal((3, config.latent_dim)).astype(np.float32)
+    model(jnp.asarray(z), train=True)
+    records = oracle_running_updates(params, z, config)
+    after = dict(batch_norm_paths(reference_params(model)))
+    sizes = set()
+    for path, p in batch_norm_paths(params):
+        n, biased, expected = records[id(p)]
+        sizes.add(n)
+        var = after[path]["var"]
+        np.testing.assert_allclose(var, (1 - MOMENTUM) * biased * n / (n - 1), rtol=1e-5, err_msg=str(path))
+        np.testing.assert_allclose(var, expected["var"], rtol=1e-5, err_msg=str(path))
+        assert np.all(var / ((1 - MOMENTUM) * biased) - 1 > 0.5 / (n - 1)), path  # not the biased variance
+    assert sizes == {3 * 16, 3 * 64, 3 * 256, 3 * 1024}  # batch 3: the 16 latent tokens, 8×8, 16×16, 32×32
+
+
+def test_norm_running_update_uses_n_over_n_minus_one():
+    "One Norm, n = 6 per channel: running var = 0.99·1 + 0.01·biased·6/5; normalised with the biased."
+    norm = Norm(3, "batch")
+    x = jax.random.normal(jax.random.key(1), (2, 3, 3)) * 2 + 1  # [B, L, C]: n = B·L = 6
+    y = np.asarray(norm(x, train=True)).reshape(-1, 3)
+    flat = np.asarray(x, np.float64).reshape(-1, 3)
+    biased = flat.var(0)
+    var, mean = np.asarray(norm.var[...]), np.asarray(norm.mean[...])
+    np.testing.assert_allclose(var, MOMENTUM + (1 - MOMENTUM) * biased * 6 / 5, rtol=1e-6)
+    np.testing.assert_allclose(mean, (1 - MOMENTUM) * flat.mean(0), rtol=1e-5, atol=1e-7)
+    assert np.all(var - (MOMENTUM + (1 - MOMENTUM) * biased) > 1e-3 * biased)  # the biased update: lower
+    np.testing.assert_allclose(y.var(0), biased / (biased + 1e-3), rtol=1e-4)  # biased variance normalises
+    with pytest.raises(ValueError, match="n = 1 value per channel"):
+        Norm(3, "batch")(jnp.ones((1, 3)), train=True)
 
 
 def test_weights_round_trip_and_mismatch_is_named():

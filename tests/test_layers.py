@@ -1,5 +1,6 @@
-"""Chapter 5 (high-resolution stages, Algorithm 1; Table 8 left): dense, GELU, LN/BN, MLP block, to-RGB, skip image and
-stage transition — NumPy vs naive loops, JAX vs NumPy, norm properties, jit/grad, bad input."""
+"""Chapter 5 (high-resolution stages, Algorithm 1; Table 8 left): dense, GELU, LN/BN, BN's running
+statistics (Keras' unbiased variance), MLP block, to-RGB, skip image and stage transition — NumPy vs
+naive loops, JAX vs NumPy, norm properties, jit/grad, bad input."""
 import functools
 import math
 
@@ -7,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from hitlib import layers
@@ -111,6 +112,52 @@ def test_mlp_block_matches_loops(case, kind, running):
     expected = ref.mlp_block_loops(x, params, kind, running)
     assert y.shape == x.shape and y.dtype == np.float32
     np.testing.assert_allclose(y, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
+
+
+@given(token_maps(), st.sampled_from([0.99, 0.9, 0.0, 1.0]))
+def test_batch_norm_running_update_matches_loops(case, momentum):
+    "float64 against Python sums, the variance divided by n - 1 directly: rtol 1e-12 (atol 1e-12 near 0)."
+    x, seed = case
+    assume(math.prod(x.shape[:-1]) >= 2)
+    x = x.astype(np.float64)
+    norm = ref.init_norm(np.random.default_rng(seed), x.shape[-1], "batch", random=True)
+    running = {key: norm[key].astype(np.float64) for key in ("mean", "var")}
+    new = ref.batch_norm_running_update(x, running, momentum)
+    expected = ref.batch_norm_running_update_loops(x, running, momentum)
+    assert set(new) == set(expected) == {"mean", "var"}
+    for key in new:
+        assert new[key].shape == (x.shape[-1],) and new[key].dtype == np.float64
+        np.testing.assert_allclose(new[key], expected[key], rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_running_update_is_keras_rule_with_unbiased_variance():
+    """moving = m·moving + (1 - m)·batch statistic (Keras' BatchNormalization), with the batch's mean and
+    its unbiased variance, n/(n - 1) times the biased variance that the normalisation divides by.
+    float64: rtol 1e-12."""
+    r = np.random.default_rng(3)
+    x = r.standard_normal((2, 3, 5)) * 2 + 1  # n = 6 values per channel: factor 6/5
+    params = {"scale": np.ones(5), "bias": np.zeros(5),
+              "mean": r.standard_normal(5), "var": r.uniform(0.5, 2, 5)}
+    original = {key: value.copy() for key, value in params.items()}
+    new = ref.batch_norm_running_update(x, params)  # a batch norm's params will do; scale, bias ignored
+    assert set(new) == {"mean", "var"}
+    assert all(np.array_equal(params[key], original[key]) for key in params)  # pure: nothing updated in place
+    mean, biased = ref.batch_moments(x)
+    n, m = 6, 0.99
+    np.testing.assert_allclose(new["mean"], m * params["mean"] + (1 - m) * mean, rtol=1e-12)
+    np.testing.assert_allclose(new["var"], m * params["var"] + (1 - m) * biased * n / (n - 1), rtol=1e-12)
+    unbiased = x.reshape(-1, 5).var(0, ddof=1)
+    np.testing.assert_allclose(new["var"], m * params["var"] + (1 - m) * unbiased, rtol=1e-12)
+    gap = new["var"] - (m * params["var"] + (1 - m) * biased)  # what the biased update would have missed
+    np.testing.assert_allclose(gap, (1 - m) * biased / (n - 1), rtol=1e-9)
+    assert np.all(gap > 1e-3 * biased)
+    # the normalisation keeps the biased variance: the output's variance is var / (var + eps)
+    y = ref.batch_norm(x, params)
+    np.testing.assert_allclose(y.reshape(-1, 5).var(0), biased / (biased + 1e-3), rtol=1e-9)
+    kept = ref.batch_norm_running_update(x, params, 1.0)
+    replaced = ref.batch_norm_running_update(x, params, 0)
+    np.testing.assert_array_equal(kept["var"], params["var"])
+    np.testing.assert_allclose(replaced["var"], biased * 1.2, rtol=1e-12)
 
 
 def test_init_shapes_and_values():
@@ -385,6 +432,41 @@ def test_jax_bfloat16_keeps_dtype_and_float32_statistics(kind):
     assert layers.mlp_block(x, p_mlp, kind).dtype == jnp.bfloat16
 
 
+@jax.jit
+def _jax_running_update(x, running):
+    return layers.batch_norm_running_update(x, running)
+
+
+@given(token_maps())
+def test_jax_batch_norm_running_update_equals_numpy(case):
+    "float32 parity: rtol 1e-5 (atol 1e-5 × max|expected| for means near zero)."
+    x, seed = case
+    assume(math.prod(x.shape[:-1]) >= 2)
+    running = ref.init_norm(np.random.default_rng(seed), x.shape[-1], "batch", random=True)
+    actual = _jax_running_update(jnp.asarray(x), to_jax(running))
+    expected = ref.batch_norm_running_update(x, running)
+    assert set(actual) == set(expected) == {"mean", "var"}
+    for key in expected:
+        assert_parity(actual[key], expected[key])
+
+
+def test_jax_batch_norm_running_update_eager_momentum_and_bfloat16():
+    r = np.random.default_rng(11)
+    x = (r.standard_normal((4, 8, 8, 6)) * 3 + 2).astype(np.float32)
+    running = ref.init_norm(r, 6, "batch", random=True)
+    for momentum in (0.99, 0.9, 0.0):
+        actual = layers.batch_norm_running_update(jnp.asarray(x), to_jax(running), momentum)
+        expected = ref.batch_norm_running_update(x, running, momentum)
+        for key in expected:
+            assert_parity(actual[key], expected[key])  # rtol 1e-5
+    xb = jnp.asarray(x, jnp.bfloat16)
+    actual = layers.batch_norm_running_update(xb, to_jax(running))  # bfloat16 values, float32 statistics
+    expected = ref.batch_norm_running_update(np.asarray(xb, np.float32), running)
+    for key in expected:
+        assert actual[key].dtype == jnp.float32
+        assert_parity(actual[key], expected[key])  # rtol 1e-5
+
+
 # ---------------------------------------------------------------- jit and grad
 
 
@@ -496,6 +578,15 @@ P_BN = ref.init_norm(None, 4, "batch")
         (lambda m, xp: m.stage_transition(xp.zeros((4, 4, 8)), None), "x must have rank 4 [B, H, W, C]"),
         (lambda m, xp: m.stage_transition(xp.zeros((1, 4, 4, 16)), ref.init_dense(np.random.default_rng(0), 16, 8)),
          "params['kernel'] has shape (16, 8), but pixel shuffle leaves C/4 = 4 channels of x (1, 4, 4, 16)"),
+        (lambda m, xp: m.batch_norm_running_update(xp.zeros((1, 4)), P_BN),
+         "x has shape (1, 4): n = 1 value per channel, but the unbiased variance n/(n-1)·var needs n >= 2"),
+        (lambda m, xp: m.batch_norm_running_update(xp.zeros((1, 1, 1, 4)), P_BN), "n = 1 value per channel"),
+        (lambda m, xp: m.batch_norm_running_update(xp.zeros(4), P_BN), "x must have rank >= 2 [B, ..., C]"),
+        (lambda m, xp: m.batch_norm_running_update(xp.zeros((2, 5)), P_BN),
+         "running['mean'] has shape (4,), expected (5,) for x of shape (2, 5)"),
+        (lambda m, xp: m.batch_norm_running_update(xp.zeros((2, 4)), P_LN), "running has no 'mean'"),
+        (lambda m, xp: m.batch_norm_running_update(xp.zeros((2, 4)), P_BN, 1.5),
+         "momentum must be a number in [0, 1], got 1.5"),
     ],
 )
 def test_bad_input_names_the_argument(module, call, message):

@@ -3,7 +3,8 @@
 # %% auto #0
 __all__ = ['NORM_KINDS', 'DEFAULT_EPS', 'check_dense', 'check_norm_kind', 'check_rank_at_least', 'check_eps', 'check_norm',
            'dense', 'dense_loops', 'gelu', 'gelu_tanh', 'gelu_loops', 'layer_norm', 'batch_moments', 'batch_norm',
-           'normalize', 'layer_norm_loops', 'batch_norm_loops', 'init_dense', 'init_norm', 'check_mlp_block',
+           'normalize', 'layer_norm_loops', 'batch_norm_loops', 'init_dense', 'init_norm', 'check_momentum',
+           'check_running_update', 'batch_norm_running_update', 'batch_norm_running_update_loops', 'check_mlp_block',
            'mlp_block', 'mlp_block_loops', 'init_mlp_block', 'check_to_rgb', 'to_rgb', 'init_to_rgb', 'check_rgb_skip',
            'rgb_skip', 'check_stage_transition', 'stage_transition', 'init_stage_transition']
 
@@ -159,8 +160,8 @@ def batch_norm(x, params, eps: float = 1e-3, use_running_average: bool = False):
 
     x: [B, ..., C]; params {"scale", "bias", "mean", "var"}, each [C] -> [B, ..., C].
     Training mode (`use_running_average=False`) normalises with `batch_moments(x)`; inference mode with params' running
-    `mean` and `var`. This function never updates the running averages: the Flax module does (chapter 7), from
-    `batch_moments` of the same input.
+    `mean` and `var`. This function never updates the running averages: the Flax module does (chapter 7), with
+    `batch_norm_running_update` (below) of the same input, whose variance is the unbiased one, as Keras'.
     """
     check_eps(eps)
     check_norm(np.shape(x), params, "batch")
@@ -237,6 +238,65 @@ def init_norm(rng, width: int, kind: str, random: bool = False):
         if kind == "batch":
             params.update(mean=np.zeros(width), var=np.ones(width))
     return {key: value.astype(np.float32) for key, value in params.items()}
+
+# %% ../../notebooks/05a_high_resolution_numpy.ipynb #b7c4e2a2
+def check_momentum(momentum):
+    "Raise `ValueError` unless `momentum` is a number in [0, 1]."
+    number = isinstance(momentum, (int, float, np.floating)) and not isinstance(momentum, bool)
+    if not number or not 0 <= momentum <= 1:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+
+
+def check_running_update(x_shape, running, momentum, name="running"):
+    """Raise `ValueError` unless `running` holds {mean, var} [C] for x [B, ..., C], n >= 2 values per channel.
+
+    Returns n = B·... (the product of all axes but the last). Extra keys in `running` (a batch norm's scale
+    and bias) are allowed and ignored.
+    """
+    check_momentum(momentum)
+    check_rank_at_least(x_shape, 2, "x", "[B, ..., C]")
+    _require(running, ("mean", "var"), name)
+    width = x_shape[-1]
+    for key in ("mean", "var"):
+        if _shape(running[key]) != (width,):
+            raise ValueError(f"{name}[{key!r}] has shape {_shape(running[key])}, expected ({width},) "
+                             f"for x of shape {tuple(x_shape)} (width C={width})")
+    n = math.prod(x_shape[:-1])
+    if n < 2:
+        raise ValueError(f"x has shape {tuple(x_shape)}: n = {n} value per channel, but the unbiased "
+                         "variance n/(n-1)·var needs n >= 2 (more images or positions)")
+    return n
+
+
+def batch_norm_running_update(x, running, momentum: float = 0.99):
+    """The running statistics after one training-mode batch norm of x, as Keras' `BatchNormalization`.
+
+    x: [B, ..., C]; running {"mean": [C], "var": [C]} (a batch norm's params will do)
+    -> new {"mean", "var"} [C]: momentum·old + (1 - momentum)·batch statistic, with the batch's mean and its
+    unbiased variance var·n/(n - 1), n = B·... values per channel. (The normalisation itself uses the biased
+    `batch_moments`.)
+    """
+    n = check_running_update(np.shape(x), running, momentum)
+    mean, var = batch_moments(x)  # [C] each; var biased (divided by n)
+    unbiased = var * (n / (n - 1))  # [C], Bessel's correction
+    old = {key: np.asarray(running[key], np.result_type(running[key], var)) for key in ("mean", "var")}
+    return {"mean": momentum * old["mean"] + (1 - momentum) * mean,
+            "var": momentum * old["var"] + (1 - momentum) * unbiased}
+
+
+def batch_norm_running_update_loops(x, running, momentum: float = 0.99):
+    "Naive `batch_norm_running_update`: per channel, Python sums, the variance divided by n - 1 (float64)."
+    n = check_running_update(np.shape(x), running, momentum)
+    x = np.asarray(x, np.float64)
+    tokens = list(np.ndindex(x.shape[:-1]))
+    new = {"mean": np.zeros(x.shape[-1]), "var": np.zeros(x.shape[-1])}
+    for c in range(x.shape[-1]):
+        column = [float(x[token + (c,)]) for token in tokens]
+        mean = sum(column) / n
+        var = sum((v - mean) ** 2 for v in column) / (n - 1)
+        new["mean"][c] = momentum * float(running["mean"][c]) + (1 - momentum) * mean
+        new["var"][c] = momentum * float(running["var"][c]) + (1 - momentum) * var
+    return new
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #041df80e
 def check_mlp_block(x_shape, params, norm):
