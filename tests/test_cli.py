@@ -1,4 +1,5 @@
-"""Chapter 13: the `hitlib` command — summary, train (with resume), sample, interpolate, eval (FDD, FID, IS, KID).
+"""Chapter 13: the `hitlib` command — summary, prepare, train (recipes, dry run, shards, resume), sample, interpolate,
+eval (FDD, FID, IS, KID).
 
 FID, IS and KID run on a file of random Inception weights made here (`random_inception_v3`): no download; what is
 tested is the command's plumbing, the library's numbers are tested in test_metrics_evaluate.py."""
@@ -70,9 +71,9 @@ def test_train_resume_sample_eval(capsys, tmp_path):
 
 def test_python_dash_m_help():
     result = subprocess.run([sys.executable, "-m", "hitlib", "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=600)  # generous: only a hung process reaches it
     assert result.returncode == 0 and all(word in result.stdout
-                                          for word in ("summary", "train", "sample", "interpolate", "eval"))
+                                          for word in ("summary", "prepare", "train", "sample", "interpolate", "eval"))
 
 
 # ---------------------------------------------------------------------------------- interpolate, FID / IS / KID
@@ -183,8 +184,108 @@ def test_eval_refusals(capsys, run_dir, tmp_path, monkeypatch):
 
 
 def test_default_sample_counts_and_dataset_names():
-    assert cli.default_num_samples("fid", "ffhq") == 50_000 and cli.default_num_samples("kid", "mnist5k") == 50_000
-    assert cli.default_num_samples("fid", "CelebA-HQ") == 30_000
-    assert cli.default_num_samples("is", "celebahq256") == 30_000
-    assert cli.default_num_samples("fdd", "mnist5k") == 5000
+    assert cli.default_num_samples("fid", train.train_config("ffhq-256")) == 50_000
+    assert cli.default_num_samples("kid", train.train_config("imagenet-128")) == 50_000
+    assert cli.default_num_samples("is", train.train_config("celebahq-256")) == 30_000
+    assert cli.default_num_samples("fid", train.train_config("celebahq-1024")) == 30_000
+    assert cli.default_num_samples("fdd", train.train_config("tiny")) == 5000
     assert cli.dataset_name(None) == "mnist5k" and cli.dataset_name("/data/celeba_hq/") == "celeba_hq"
+
+
+# ------------------------------------------------------------------------------------- prepare, recipes, shards
+def write_images(folder: Path, sizes, seed: int = 0) -> list:
+    "Random RGB PNGs of the given (height, width) sizes in `folder`; their paths."
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index, size in enumerate(sizes):
+        paths.append(folder / f"{index:03d}.png")
+        Image.fromarray(rng.integers(0, 256, tuple(size) + (3,), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_prepare_then_train_on_the_shards(capsys, tmp_path):
+    "An image folder through `hitlib prepare` and `hitlib train --data`: the route a newcomer takes."
+    write_images(tmp_path / "photos", [(40, 48)] * 6 + [(32, 32)] * 2)
+    shards = tmp_path / "photos-32"
+    assert cli.main(["prepare", "folder", str(tmp_path / "photos"), str(shards), "--resolution", "32",
+                     "--workers", "0", "--shard-size", "3", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.split(": ", 1)[1])
+    assert summary["count"] == 8 and summary["shards"] == 3 and summary["size"] == 32
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--workdir", str(workdir), "--data", str(shards), "--steps", "2", "--quiet",
+                     *SMALL]) == 0
+    assert train.load_config(workdir).data == str(shards) and train.CheckpointStore(workdir, 2).steps() == [2]
+    images = data.to_uint8(data.make_dataset(data.ShardedArraySource(shards), 4, flip=False)[0])
+    assert images.shape == (4, 32, 32, 3)
+    assert cli.main(["train", "--workdir", str(tmp_path / "raw"), "--data", str(tmp_path / "photos"), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "hitlib prepare folder" in error and "--resolution 32" in error
+    assert not (tmp_path / "raw").exists()
+    (shards / "images-00001.npy").write_bytes(b"cut")  # a damaged shard is reported before any step, by name
+    assert cli.main(["train", "--workdir", str(tmp_path / "cut"), "--data", str(shards), "--quiet", *SMALL]) == 2
+    assert "images-00001.npy" in capsys.readouterr().err and not (tmp_path / "cut").exists()
+
+
+def exit_status(argv) -> int:
+    "The exit status of `hitlib ARGV`: what `main` returns, or the status of argparse's SystemExit."
+    try:
+        return cli.main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_prepare_refuses_bad_input_in_one_line(capsys, tmp_path, caplog):
+    source = tmp_path / "photos"
+    write_images(source, [(40, 40)] * 3)
+    out = tmp_path / "out"
+    base = ["prepare", "folder", str(source), str(out), "--workers", "0", "--quiet"]
+    cases = [(["--resolution", "0"], "--resolution must be positive"),
+             (["--crop-fraction", "0"], "crop_fraction must be in (0, 1]"),
+             (["--crop-fraction", "1.5"], "crop_fraction must be in (0, 1]"),
+             (["--shard-size", "0"], "--shard-size must be positive")]
+    for extra, message in cases:
+        assert exit_status(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not out.exists(), extra
+    assert cli.main(["prepare", "folder", str(tmp_path / "none"), str(out), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(base + ["--resolution", "32"]) == 2
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    (source / "zz-broken.png").write_bytes(b"not a png")
+    assert cli.main(base + ["--resolution", "32"]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "zz-broken.png" in error
+    assert list(out.iterdir()) == []  # what it wrote before the bad file was removed
+    (source / "zz-broken.png").unlink()
+    write_images(source / "small", [(20, 30)])
+    assert cli.main(base + ["--resolution", "32", "--no-upscale"]) == 2
+    assert "small/000.png: smaller than 32×32" in capsys.readouterr().err and list(out.iterdir()) == []
+    with caplog.at_level("WARNING", logger="hitlib.data"):
+        assert cli.main(base + ["--resolution", "32"]) == 0
+    assert "1 of 4 images are smaller than 32×32 and were enlarged" in caplog.text
+    assert json.loads((out / "manifest.json").read_text())["upscaled"] == 1
+    script = subprocess.run([sys.executable, str(ROOT / "datasets" / "prepare.py"), "folder", str(source),
+                             str(tmp_path / "o2"), "--resolution", "0"], capture_output=True, text=True, timeout=600)
+    assert script.returncode == 2 and "Traceback" not in script.stderr
+
+
+def test_dry_run_prints_the_recipe_and_builds_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--recipe", "ffhq-256", "--dry-run", "g_lr=2e-5", "latent_dim=256"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved == train.train_config("ffhq-256", ["g_lr=2e-5", "latent_dim=256"]).to_dict()
+    assert (resolved["recipe"], resolved["generator"], resolved["batch_size"], resolved["bcr_weight"]) == (
+        "ffhq-256", "hit-b-256", 256, 10.0)
+    assert list(tmp_path.iterdir()) == []  # no workdir, no file
+    assert cli.main(["train", "--recipe", "ffhq", "--dry-run"]) == 2
+    assert "unknown recipe 'ffhq'" in capsys.readouterr().err
+
+
+def test_workdir_that_is_a_file_is_a_usage_error(capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert cli.main(["train", "--workdir", str(tmp_path / "afile"), "--quiet", *SMALL]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

@@ -184,6 +184,16 @@ def test_decode_every_pixel_format(tmp_path, rng):
     np.testing.assert_array_equal(data.decode_image(tmp_path / "rgba.png", background=255), data.composite(rgba, 255))
 
 
+def test_32_bit_integer_images_use_their_whole_range():
+    "Mode I (32-bit signed): [0, 2**31 - 1] maps onto [0, 255] by the high 8 value bits; before, it was read as 16-bit."
+    values = np.array([[0, 2**23 - 1, 2**23, 2**30, 2**31 - 1, -5]], np.int32)
+    decoded = data.pil_to_rgb(Image.fromarray(values, mode="I"))
+    assert decoded.shape == (1, 6, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[..., 0], [[0, 0, 1, 128, 255, 0]])
+    sixteen = np.array([[0, 257, 65535]], np.uint16)
+    np.testing.assert_array_equal(data.pil_to_rgb(Image.fromarray(sixteen))[..., 0], [[0, 1, 255]])  # I;16
+
+
 def test_palette_with_transparent_colour_is_composited(tmp_path):
     palette_image = Image.new("P", (4, 2))
     palette_image.putpalette([200, 100, 50] + [10, 20, 30] + [0, 0, 0] * 254)
