@@ -90,6 +90,8 @@ def command_train(args) -> int:
     if args.steps is not None:
         fields["steps"] = args.steps
     config = train.train_config(args.recipe, args.overrides, **fields)
+    if not args.dry_run:  # before anything touches a device: several processes become one JAX program
+        train.initialize_processes(args.coordinator, args.num_processes, args.process_id)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -340,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "size, data and flips to differ from the saved run (the state still fits)")
     train.add_argument("--data-threads", dest="data_threads", type=int, default=None,
                        help="threads reading batches ahead (default: one per core, up to 8)")
+    train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="several processes (CPU, GPU): process 0's address; with --num-processes and "
+                       "--process-id. On a multi-host TPU slice none of the three is needed")
+    train.add_argument("--num-processes", dest="num_processes", type=int, default=None)
+    train.add_argument("--process-id", dest="process_id", type=int, default=None)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="TrainConfig fields (batch_size=16, g_lr=2e-4, ...) or generator overrides")

@@ -4,20 +4,21 @@
 __all__ = ['RESUMABLE_FIELDS', 'ADJUSTABLE_FIELDS', 'EVAL_SPLITS', 'RECIPES', 'DATA_AXIS', 'CONFIG_FILE', 'CHECKPOINT_DIR',
            'DIGEST_DIR', 'SET_ASIDE_DIR', 'TrainConfig', 'train_config', 'TrainState', 'Networks', 'create_train_state',
            'ema_update', 'all_finite', 'make_train_step', 'data_mesh', 'check_batch_divides', 'replicate',
-           'shard_batch', 'abstract_state', 'training_source', 'training_dataset', 'sample_latents', 'generate',
-           'generator_fn', 'save_image_grid', 'checkpoint_digest', 'check_workdir', 'write_config', 'prepare_workdir',
-           'DamagedCheckpointsError', 'CheckpointStore', 'MetricsLog', 'read_metrics', 'NonFiniteLossError',
-           'default_data_threads', 'train', 'Run', 'load_config', 'load_state', 'load_run']
+           'shard_batch', 'abstract_state', 'local_copy', 'multi_host_tpu', 'initialize_processes', 'barrier',
+           'training_source', 'training_dataset', 'sample_latents', 'generate', 'generator_fn', 'save_image_grid',
+           'state_digest', 'check_workdir', 'write_config', 'prepare_workdir', 'DamagedCheckpointsError',
+           'CheckpointStore', 'MetricsLog', 'read_metrics', 'NonFiniteLossError', 'default_data_threads', 'train',
+           'Run', 'load_config', 'load_state', 'load_run']
 
 # %% ../notebooks/11c_training.ipynb #c002
 import dataclasses
 import difflib
 import hashlib
+import io
 import json
 import logging
 import math
 import os
-import shutil
 import time
 import typing
 import warnings
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
@@ -443,6 +445,52 @@ def abstract_state(state, mesh: Optional[Mesh]):
     sharding = scaling.replicated(mesh) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), state)
 
+
+def local_copy(tree):
+    "Each leaf's copy on this process's first device: what a process may compute on alone (sampling, digests)."
+    return jax.tree.map(lambda leaf: leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf, tree)
+
+
+def multi_host_tpu() -> bool:
+    "True on a TPU slice of several hosts, where `jax.distributed.initialize()` finds its peers by itself."
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([host for host in hosts.split(",") if host.strip()]) > 1
+
+
+def initialize_processes(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                         process_id: Optional[int] = None) -> int:
+    """Join the processes of one training run into one JAX program (JAX's multi-controller runtime); returns the
+    number of processes. Must run before anything touches a device.
+
+    With `coordinator` ("HOST:PORT", process 0's address), `num_processes` and `process_id` (all three, or none):
+    `jax.distributed.initialize` with them, CPU collectives over gloo (for CPU runs; GPUs and TPUs use their own).
+    With none on a multi-host TPU slice: `jax.distributed.initialize()`, which reads the slice's own description.
+    Otherwise nothing: one process."""
+    given = (coordinator, num_processes, process_id)
+    if all(value is None for value in given):
+        if multi_host_tpu():
+            jax.distributed.initialize()
+        return jax.process_count()
+    if any(value is None for value in given):
+        raise ValueError("--coordinator, --num-processes and --process-id go together (all three or none)")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator must look like HOST:PORT, got {coordinator!r}")
+    _check_int(num_processes, "num_processes")
+    _check_int(process_id, "process_id", 0)
+    if process_id >= num_processes:
+        raise ValueError(f"process_id={process_id} must be below num_processes={num_processes}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return jax.process_count()
+
+
+def barrier(name: str) -> None:
+    "Wait until every process has got here (a no-op in one process)."
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
 # %% ../notebooks/11c_training.ipynb #c022
 def training_source(config: TrainConfig):
     """The real images of a run, checked before any training work: the embedded digits (float32 [5000, R, R, 3]),
@@ -495,13 +543,15 @@ def generator_fn(model, mesh: Optional[Mesh] = None):
     return lambda z: _generate_batch(graphdef, state, z)
 
 
-def save_image_grid(images: np.ndarray, path, columns: int = 8) -> Path:
-    "A PNG grid of images [N, R, R, 3] in [-1, 1] (white gaps), written atomically."
-    path = Path(path)
+def save_image_grid(images: np.ndarray, path, columns: int = 8):
+    "A PNG grid of images [N, R, R, 3] in [-1, 1] (white gaps), written atomically to any `etils.epath` path."
+    path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    Image.fromarray(data.image_grid(images, columns=columns)).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    buffer = io.BytesIO()
+    Image.fromarray(data.image_grid(images, columns=columns)).save(buffer, format="PNG")
+    temporary = path.parent / (path.name + ".tmp")
+    temporary.write_bytes(buffer.getvalue())
+    temporary.replace(path)
     return path
 
 # %% ../notebooks/11c_training.ipynb #c025
@@ -511,20 +561,28 @@ DIGEST_DIR = "digests"  # one sha256 per completed checkpoint, written after the
 SET_ASIDE_DIR = "set_aside"  # where damaged checkpoints are moved
 
 
-def checkpoint_digest(path) -> str:
-    "sha256 over a checkpoint folder: every file's relative path and bytes, in sorted order."
-    path = Path(path)
+def _path_key(path) -> str:
+    return "/".join(str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key)))) for key in path)
+
+
+def state_digest(state) -> str:
+    """sha256 over a state's values: every leaf's path, dtype, shape and bytes, in tree order (from this process's
+    copy of each leaf). It describes what a checkpoint must restore to, whatever files Orbax wrote it as, so it is
+    computed from the state in memory when saving (no file is read back) and from the restored state when verifying."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(local_copy(state))[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{_path_key(path)}|{array.dtype.str}|{array.shape}".encode() + b"\0")
+        digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, text: str):
-    temporary = path.with_name(path.name + ".tmp")
+def _write_atomically(path, text: str):
+    "Write `text` to `path` (any `etils.epath` path) through a temporary file and a rename."
+    path = epath.Path(path)
+    temporary = path.parent / (path.name + ".tmp")
     temporary.write_text(text)
-    os.replace(temporary, path)
+    temporary.replace(path)
 
 
 def _config_differences(saved: TrainConfig, requested: TrainConfig, allowed=RESUMABLE_FIELDS) -> list:
@@ -532,11 +590,11 @@ def _config_differences(saved: TrainConfig, requested: TrainConfig, allowed=RESU
             if field.name not in allowed and getattr(saved, field.name) != getattr(requested, field.name)]
 
 
-def check_workdir(config: TrainConfig, workdir, reconfigure: bool = False) -> Path:
-    """`workdir` as a Path, if `config` may train there: a new or empty folder, or one holding a run whose saved
+def check_workdir(config: TrainConfig, workdir, reconfigure: bool = False) -> epath.Path:
+    """`workdir` as an `etils.epath.Path` (a local folder, or gs://... as Orbax supports), if `config` may train there: a new or empty folder, or one holding a run whose saved
     configuration differs from `config` only in `RESUMABLE_FIELDS` (and, with `reconfigure`, `ADJUSTABLE_FIELDS`).
     Writes nothing: a refused command leaves the workdir as it was. ValueError otherwise."""
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"workdir {workdir} is a file, not a folder")
     path = workdir / CONFIG_FILE
@@ -560,24 +618,26 @@ def check_workdir(config: TrainConfig, workdir, reconfigure: bool = False) -> Pa
     return workdir
 
 
-def write_config(config: TrainConfig, workdir) -> Path:
+def write_config(config: TrainConfig, workdir) -> epath.Path:
     """(Re)write `workdir/config.json` (creating the folder); a change of `ADJUSTABLE_FIELDS` made by a resume is
-    also appended to `workdir/reconfigured.jsonl`, so the run's history stays readable."""
-    workdir = Path(workdir)
+    also recorded in `workdir/reconfigured.jsonl`, so the run's history stays readable. Only process 0 writes."""
+    workdir = epath.Path(workdir)
+    if jax.process_index() != 0:
+        return workdir
     path = workdir / CONFIG_FILE
     if path.exists():
         saved = TrainConfig.from_dict(json.loads(path.read_text()))
         changed = _config_differences(saved, config, RESUMABLE_FIELDS)
         if changed:
             record = {name: {"saved": getattr(saved, name), "now": getattr(config, name)} for name in changed}
-            with (workdir / "reconfigured.jsonl").open("a") as file:
-                file.write(json.dumps(record) + "\n")
+            history = workdir / "reconfigured.jsonl"
+            _write_atomically(history, (history.read_text() if history.exists() else "") + json.dumps(record) + "\n")
     workdir.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, json.dumps(config.to_dict(), indent=2) + "\n")
     return workdir
 
 
-def prepare_workdir(config: TrainConfig, workdir, reconfigure: bool = False) -> Path:
+def prepare_workdir(config: TrainConfig, workdir, reconfigure: bool = False) -> epath.Path:
     "`check_workdir`, then `write_config`."
     return write_config(config, check_workdir(config, workdir, reconfigure))
 
@@ -597,22 +657,33 @@ class DamagedCheckpointsError(ValueError):
 
 
 class CheckpointStore:
-    """Orbax checkpoints of a `TrainState` in `workdir/checkpoints/<step>`, the last `keep` kept, each completed one
-    recorded by a sha256 in `workdir/digests/<step>.sha256`. `restore_latest` verifies before it trusts.
+    """Orbax checkpoints of a `TrainState` in `workdir/checkpoints/<step>`, the last `keep` kept, each good one
+    recorded by the sha256 of its values (`state_digest`) in `workdir/digests/<step>.sha256`. `restore_latest`
+    verifies before it trusts: the restored values must hash to the recorded digest.
+
+    Saving is asynchronous: `save` returns once Orbax holds a host copy of the state, and the files are written while
+    training goes on. A checkpoint's digest is written only when both its save has completed and `confirm` has
+    vouched for it (the next step's losses were finite); a kill at any moment leaves either a digest for a complete
+    checkpoint, or no digest, and a checkpoint without one is never trusted.
 
     Training opens the store with `read_only=False`: a checkpoint newer than the one it resumes from that has no
     matching digest or fails to restore is moved to `workdir/set_aside/` with a warning. Readers (`load_run`:
     sampling, evaluation) open it `read_only=True` and never move, delete or write anything: a checkpoint that is
     still being written (no digest yet) or damaged is skipped with a warning. If every checkpoint is bad, both raise
-    `DamagedCheckpointsError` rather than start over. A step that already has a checkpoint is never written again."""
+    `DamagedCheckpointsError` rather than start over. A step that already has a checkpoint is never written again.
+    With several processes, every process saves and restores (as Orbax requires); only process 0 writes digests and
+    moves checkpoints."""
 
     def __init__(self, workdir, keep: int, read_only: bool = False):
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.directory = self.workdir / CHECKPOINT_DIR
         self.digests = self.workdir / DIGEST_DIR
         self.keep = keep
         self.read_only = read_only
+        self.primary = jax.process_index() == 0
         self._manager = None
+        self._saved = {}  # step -> digest of a checkpoint saved by this store, not yet recorded
+        self._vouched = set()  # steps of those that `confirm` has vouched for
 
     @property
     def manager(self) -> ocp.CheckpointManager:
@@ -621,96 +692,129 @@ class CheckpointStore:
                 options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
                                                        enable_async_checkpointing=False)
             else:
-                options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=False,
+                options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, enable_async_checkpointing=True,
                                                        create=True)
-            self._manager = ocp.CheckpointManager(self.directory.resolve(), options=options)
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
         return self._manager
 
-    def close(self):
+    def flush(self):
+        "Wait for a save in progress, then record the digests of what is vouched for."
         if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._record()
+
+    def close(self):
+        "`flush`, then release Orbax's manager."
+        if self._manager is not None:
+            self.flush()
             self._manager.close()
             self._manager = None
 
     def steps(self) -> list:
-        "Steps of the finished checkpoint folders, ascending (Orbax's temporary folders are not listed)."
+        "Steps of the finished checkpoints, ascending (Orbax's own listing; its temporary folders are not listed)."
         if not self.directory.is_dir():
             return []
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit())
+        self.manager.reload()  # what is on disk now (another process may have written since)
+        return sorted(self.manager.all_steps())
 
-    def _digest_path(self, step: int) -> Path:
+    def _digest_path(self, step: int) -> epath.Path:
         return self.digests / f"{step}.sha256"
 
     def save(self, state: TrainState, confirm: bool = True) -> int:
-        """Save `state` at its step and wait for it to finish; then, with `confirm`, record its digest (`confirm`).
-        Training saves with `confirm=False` and confirms once the next step has shown the state to be good."""
+        """Start saving `state` at its step (asynchronously); with `confirm` it is vouched for at once (its digest is
+        recorded when the save completes). Training saves with `confirm=False` and calls `confirm(step)` once the next
+        step has shown the state to be good."""
         if self.read_only:
             raise RuntimeError("this CheckpointStore was opened read-only")
         step = int(state.step)
-        if step in self.steps():
+        self.manager.wait_until_finished()  # the previous save, if any, is complete: its digest may be written
+        self._record()
+        if step in self.steps() or step in self._saved:
             raise FileExistsError(f"a checkpoint of step {step} already exists in {self.directory}; not overwritten")
+        self._saved[step] = state_digest(state) if self.primary else None
         self.manager.save(step, args=ocp.args.StandardSave(state))
-        self.manager.wait_until_finished()
         if confirm:
             self.confirm(step)
         return step
 
     def confirm(self, step: int) -> None:
-        "Record the digest of the saved checkpoint `step`, which makes it trusted; prune digests of deleted steps."
-        self.digests.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self._digest_path(step), checkpoint_digest(self.directory / str(step)) + "\n")
-        kept = set(self.steps())
-        for path in self.digests.glob("*.sha256"):
-            if path.stem.isdigit() and int(path.stem) not in kept:
-                path.unlink()
+        "Vouch for the saved checkpoint `step`: its digest is recorded as soon as its save has completed."
+        self._vouched.add(step)
+        self._record()
+
+    def _record(self) -> None:
+        "Write the digests of vouched-for checkpoints whose saves have completed; prune digests of deleted steps."
+        if self._manager is None or self._manager.is_saving_in_progress() or not self._vouched & set(self._saved):
+            return
+        self._manager.check_for_errors()  # an asynchronous save that failed raises here, before it is vouched for
+        for step in sorted(self._vouched & set(self._saved)):
+            if self.primary:
+                self.digests.mkdir(parents=True, exist_ok=True)
+                _write_atomically(self._digest_path(step), self._saved[step] + "\n")
+            del self._saved[step]
+            self._vouched.discard(step)
+        if self.primary:
+            kept = set(self.steps())
+            for path in self.digests.glob("*.sha256"):
+                if path.stem.isdigit() and int(path.stem) not in kept:
+                    path.unlink()
 
     def last_confirmed(self) -> Optional[int]:
         "The newest step with a checkpoint and a recorded digest (not re-verified), or None."
-        steps = [step for step in self.steps() if self._digest_path(step).is_file()]
+        steps = [step for step in self.steps() if self._digest_path(step).exists()]
         return steps[-1] if steps else None
-
-    def verify(self, step: int) -> Optional[str]:
-        "None if checkpoint `step` matches its recorded digest, else what is wrong."
-        digest_path = self._digest_path(step)
-        if not digest_path.is_file():
-            return "no digest was recorded (still being written, or the run stopped while writing it)"
-        recorded = digest_path.read_text().strip()
-        actual = checkpoint_digest(self.directory / str(step))
-        return None if actual == recorded else f"sha256 {actual[:12]}… does not match the recorded {recorded[:12]}…"
-
-    def set_aside(self, step: int, reason: str):
-        "Move checkpoint `step` (and its digest) to workdir/set_aside/, with a warning."
-        if self.read_only:
-            raise RuntimeError("this CheckpointStore was opened read-only")
-        self.close()
-        target = self.workdir / SET_ASIDE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target))
-        if self._digest_path(step).exists():
-            shutil.move(str(self._digest_path(step)), str(target) + ".sha256")
-        _warn(f"checkpoint {step} in {self.directory} is damaged ({reason}); moved to {target}")
 
     def restore(self, step: int, abstract_state):
         "Checkpoint `step` as a TrainState shaped like `abstract_state`, whether or not it verifies."
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def verify(self, step: int, abstract_state):
+        "(restored state, None) if checkpoint `step` restores to its recorded digest, else (None, what is wrong)."
+        digest_path = self._digest_path(step)
+        if not digest_path.exists():
+            return None, "no digest was recorded (still being written, or the run stopped while writing it)"
+        try:
+            restored = self.restore(step, abstract_state)
+        except Exception as error:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+            return None, f"restore failed: {type(error).__name__}: {str(error)[:200]}"
+        recorded, actual = digest_path.read_text().strip(), state_digest(restored)
+        if actual != recorded:
+            return None, f"its values hash to {actual[:12]}…, not the recorded {recorded[:12]}…"
+        return restored, None
+
+    def set_aside(self, step: int, reason: str):
+        "Move checkpoint `step` (and its digest) to workdir/set_aside/, with a warning (process 0 moves)."
+        if self.read_only:
+            raise RuntimeError("this CheckpointStore was opened read-only")
+        self._saved.pop(step, None)
+        self._vouched.discard(step)
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+        target = self.workdir / SET_ASIDE_DIR / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.primary:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+            if self._digest_path(step).exists():
+                self._digest_path(step).rename(target.parent / (target.name + ".sha256"))
+            _warn(f"checkpoint {step} in {self.directory} is damaged ({reason}); moved to {target}")
+        barrier(f"set_aside_{step}")
+
     def restore_latest(self, abstract_state) -> Optional[TrainState]:
-        """The newest checkpoint that verifies and restores, as a TrainState shaped like `abstract_state`; None when
-        there is no checkpoint at all; `DamagedCheckpointsError` naming each one when none is usable."""
+        """The newest checkpoint that verifies, as a TrainState shaped like `abstract_state`; None when there is no
+        checkpoint at all; `DamagedCheckpointsError` naming each one when none is usable."""
         problems = {}
         for step in reversed(self.steps()):
-            problem = self.verify(step)
+            restored, problem = self.verify(step, abstract_state)
             if problem is None:
-                try:
-                    restored = self.restore(step, abstract_state)
-                except Exception as error:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
-                    problem = f"restore failed: {type(error).__name__}: {str(error)[:200]}"
-                else:
-                    for bad, reason in problems.items():
-                        if self.read_only:
-                            _warn(f"checkpoint {bad} in {self.directory} skipped ({reason}); using step {step}")
-                        else:
-                            self.set_aside(bad, reason)
-                    return restored
+                barrier("restored")  # every process has read what it needs before anything is moved
+                for bad, reason in problems.items():
+                    if self.read_only:
+                        _warn(f"checkpoint {bad} in {self.directory} skipped ({reason}); using step {step}")
+                    else:
+                        self.set_aside(bad, reason)
+                return restored
             problems[step] = problem
         if problems:
             listed = "; ".join(f"step {step}: {reason}" for step, reason in sorted(problems.items()))
@@ -726,20 +830,23 @@ def _warn(message: str):
 
 # %% ../notebooks/11c_training.ipynb #c028
 class MetricsLog:
-    "metrics.jsonl (one JSON object per logged step) and TensorBoard scalars, both in the workdir."
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars, both in the workdir. The file is
+    rewritten whole through a rename at each write (object stores have no append), so a reader never sees half a
+    line."""
 
     def __init__(self, workdir, start_step: int):
         from tensorboardX import SummaryWriter  # imported here: only training writes TensorBoard files
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.lines = []
         if self.path.exists():  # drop what a killed run logged after the checkpoint we resume from
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["step"] <= start_step]
-            _write_atomically(self.path, "".join(line + "\n" for line in lines))
-        self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+            self.lines = [line for line in self.path.read_text().splitlines()
+                          if line.strip() and json.loads(line)["step"] <= start_step]
+            _write_atomically(self.path, "".join(line + "\n" for line in self.lines))
+        self.writer = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict):
-        with self.path.open("a") as file:
-            file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.lines.append(json.dumps({"step": step, **metrics}))
+        _write_atomically(self.path, "".join(line + "\n" for line in self.lines))
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
@@ -750,7 +857,7 @@ class MetricsLog:
 
 def read_metrics(workdir) -> list:
     "The records of `workdir/metrics.jsonl`, one dict per logged step."
-    path = Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
@@ -791,7 +898,9 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, reconfigure: b
     must have reported a finite state (`make_train_step`'s "finite"); else `NonFiniteLossError`, and the newest
     checkpoint, which passed the same check, stays the last good one.
     On several devices the step is data-parallel over all of them (`data_mesh`): `batch_size` must divide by their
-    number; each process reads its part of every batch, and only process 0 writes logs and sample grids.
+    number. With several processes (`initialize_processes`) every process runs this same function: each reads its
+    part of every batch, all take part in every step and checkpoint, and only process 0 writes the configuration,
+    logs, samples and digests.
     """
     from tqdm.auto import tqdm
 
@@ -821,6 +930,7 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, reconfigure: b
         if unconfirmed is not None:  # saved, and now known to be bad: it must never be resumed from
             store.set_aside(unconfirmed, f"diverged: {what} at step {done}")
         bad = ", ".join(f"{name}={value:.4g}" for name, value in values.items() if not math.isfinite(value))
+        store.flush()  # a good checkpoint still being written is recorded before it is named below
         last = store.last_confirmed()
         where = (f"The last good checkpoint is step {last} in {store.directory}; resume from it" if last is not None
                  else "No checkpoint was good yet; start again")
@@ -848,8 +958,9 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, reconfigure: b
         pending.clear()
 
     def write_samples(state):
-        images = generate(networks.generator(state.ema_params, state.g_batch_stats), fixed_z)  # on every process
-        if primary:
+        if primary:  # on this process's own copy of the weights: no other process takes part
+            ema, stats = local_copy((state.ema_params, state.g_batch_stats))
+            images = generate(networks.generator(ema, stats), fixed_z)
             save_image_grid(images, workdir / "samples" / f"step_{int(state.step):07d}.png")
 
     if start == 0:
@@ -909,8 +1020,8 @@ class Run(typing.NamedTuple):
 
 def load_config(workdir) -> TrainConfig:
     "The TrainConfig saved in `workdir/config.json`."
-    path = Path(workdir) / CONFIG_FILE
-    if not path.is_file():
+    path = epath.Path(workdir) / CONFIG_FILE
+    if not path.exists():
         raise FileNotFoundError(f"{workdir} holds no training run ({CONFIG_FILE} is missing)")
     return TrainConfig.from_dict(json.loads(path.read_text()))
 
@@ -927,10 +1038,10 @@ def load_state(workdir, step: Optional[int] = None):
         if step is None:
             restored = store.restore_latest(abstract)
         else:
-            problem = store.verify(step) if step in store.steps() else f"there is no checkpoint of step {step}"
+            restored, problem = (store.verify(step, abstract) if step in store.steps()
+                                 else (None, f"there is no checkpoint of step {step}"))
             if problem:
                 raise ValueError(f"checkpoint {step} of {workdir}: {problem}")
-            restored = store.restore(step, abstract)
     finally:
         store.close()
     if restored is None:
