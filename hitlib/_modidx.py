@@ -868,6 +868,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'hitlib.train.CheckpointStore.last_confirmed': ( 'training.html#checkpointstore.last_confirmed',
                                                                                'hitlib/train.py'),
                               'hitlib.train.CheckpointStore.manager': ('training.html#checkpointstore.manager', 'hitlib/train.py'),
+                              'hitlib.train.CheckpointStore.record_completed': ( 'training.html#checkpointstore.record_completed',
+                                                                                 'hitlib/train.py'),
                               'hitlib.train.CheckpointStore.restore': ('training.html#checkpointstore.restore', 'hitlib/train.py'),
                               'hitlib.train.CheckpointStore.restore_latest': ( 'training.html#checkpointstore.restore_latest',
                                                                                'hitlib/train.py'),

@@ -742,6 +742,10 @@ class CheckpointStore:
         self._vouched.add(step)
         self._record()
 
+    def record_completed(self) -> None:
+        "Record the digests of vouched-for checkpoints whose saves have completed (cheap: training calls it often)."
+        self._record()
+
     def _record(self) -> None:
         "Write the digests of vouched-for checkpoints whose saves have completed; prune digests of deleted steps."
         if self._manager is None or self._manager.is_saving_in_progress() or not self._vouched & set(self._saved):
@@ -956,6 +960,7 @@ def train(config: TrainConfig, workdir, *, progress: bool = True, reconfigure: b
                 stop(done, values, "a non-finite state after the update")
             fetched.append((done, values))
         pending.clear()
+        store.record_completed()  # a vouched-for checkpoint whose save has completed is trusted from now on
 
     def write_samples(state):
         if primary:  # on this process's own copy of the weights: no other process takes part
