@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,11 +137,12 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, reference_run, moment):
     reference = train.train(config, reference_run[0], progress=False)  # resumes the reference run from step 12
     command = [sys.executable, "-c", RUN_SCRIPT, json.dumps(config.to_dict()), str(tmp_path)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + LIMIT_S
-    while not moment(tmp_path):
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, f"{moment.__name__} did not happen within {LIMIT_S} s: the process hangs"
+    watchdog = threading.Timer(LIMIT_S, process.kill)  # only a hung process lives this long: then the loop fails
+    watchdog.start()
+    while not moment(tmp_path):  # waits on the event itself, or on the process ending first
+        assert process.poll() is None, f"ended before {moment.__name__}: " + process.stderr.read().decode()[-2000:]
         time.sleep(0.002)
+    watchdog.cancel()
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
