@@ -9,41 +9,70 @@ import math
 import jax
 import jax.numpy as jnp
 
-from .reference.attention import check_attention_params, check_dot_product_shapes, is_multi_query
+from hitlib.reference.attention import (
+    check_attention_params,
+    check_dot_product_shapes,
+    is_multi_query,
+)
 
 # %% ../notebooks/02b_attention_jax.ipynb #ac6aed3e
 def softmax(logits, axis: int = -1):
-    "Numerically stable softmax along `axis`: [..., N] -> same shape, rows sum to 1 (exp(l - max l), normalised)."
-    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))  # max shift: value-only
+    """Numerically stable softmax along `axis`: [..., N] -> same shape, rows sum to 1
+    (exp(l - max l), normalised)."""
+    # max shift: value-only
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
     e = jnp.exp(shifted)
     return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
 def dot_product_attention(q, k, v):
-    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
+    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v
+    (Vaswani et al. 2017, eq. 1).
 
-    q: [..., Nq, d], k: [..., Nk, d], v: [..., Nk, dv] (leading dims broadcast) -> [..., Nq, dv].
+    q: [..., Nq, d], k: [..., Nk, d], v: [..., Nk, dv] (leading dims broadcast) ->
+    [..., Nq, dv].
     """
     check_dot_product_shapes(q.shape, k.shape, v.shape)
-    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale the queries (Nq·d products), not the logits (Nq·Nk)
+    # scale the queries (Nq·d products), not the logits (Nq·Nk)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
     logits = jnp.einsum("...qd,...kd->...qk", q, k)  # [..., Nq, Nk]
-    return jnp.einsum("...qk,...kv->...qv", softmax(logits, axis=-1), v)  # [..., Nq, dv]
+    # [..., Nq, dv]
+    return jnp.einsum("...qk,...kv->...qv", softmax(logits, axis=-1), v)
 
 
 def _project(x, y, params):
-    "Queries [..., h, Nq, d]; keys and values [..., Nk, d] (multi-query) or [..., h, Nk, d] (multi-head)."
-    q = jnp.einsum("...nc,chd->...hnd", x, params["query"]["kernel"]) + params["query"]["bias"][:, None, :]
+    """Queries [..., h, Nq, d]; keys and values [..., Nk, d] (multi-query) or
+    [..., h, Nk, d] (multi-head)."""
+    q = (
+        jnp.einsum("...nc,chd->...hnd", x, params["query"]["kernel"])
+        + params["query"]["bias"][:, None, :]
+    )
     if is_multi_query(params):
-        k = jnp.einsum("...mc,cd->...md", y, params["key"]["kernel"]) + params["key"]["bias"]  # [..., Nk, d]
-        v = jnp.einsum("...mc,cd->...md", y, params["value"]["kernel"]) + params["value"]["bias"]  # [..., Nk, d]
+        # [..., Nk, d]
+        k = (
+            jnp.einsum("...mc,cd->...md", y, params["key"]["kernel"])
+            + params["key"]["bias"]
+        )
+        # [..., Nk, d]
+        v = (
+            jnp.einsum("...mc,cd->...md", y, params["value"]["kernel"])
+            + params["value"]["bias"]
+        )
     else:
-        k = jnp.einsum("...mc,chd->...hmd", y, params["key"]["kernel"]) + params["key"]["bias"][:, None, :]
-        v = jnp.einsum("...mc,chd->...hmd", y, params["value"]["kernel"]) + params["value"]["bias"][:, None, :]
+        k = (
+            jnp.einsum("...mc,chd->...hmd", y, params["key"]["kernel"])
+            + params["key"]["bias"][:, None, :]
+        )
+        v = (
+            jnp.einsum("...mc,chd->...hmd", y, params["value"]["kernel"])
+            + params["value"]["bias"][:, None, :]
+        )
     return q, k, v
 
 
 def _scores(q, k):
-    "q [..., h, Nq, d], k [..., Nk, d] (one shared head) or [..., h, Nk, d] -> scores [..., h, Nq, Nk]."
+    """q [..., h, Nq, d], k [..., Nk, d] (one shared head) or [..., h, Nk, d] -> scores
+    [..., h, Nq, Nk]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.ndim == q.ndim - 1:  # multi-query
         logits = jnp.einsum("...hnd,...md->...hnm", q * scale, k)
@@ -53,25 +82,33 @@ def _scores(q, k):
 
 
 def _attend(scores, v, params):
-    "scores [..., h, Nq, Nk], values -> output [..., Nq, C] through the output projection [h, d, C]."
+    """scores [..., h, Nq, Nk], values -> output [..., Nq, C] through the output
+    projection [h, d, C]."""
     if v.ndim == scores.ndim - 1:  # multi-query values [..., Nk, d]
         o = jnp.einsum("...hnm,...md->...hnd", scores, v)  # [..., h, Nq, d]
     else:  # multi-head values [..., h, Nk, d]
         o = jnp.einsum("...hnm,...hmd->...hnd", scores, v)
-    return jnp.einsum("...hnd,hdc->...nc", o, params["out"]["kernel"]) + params["out"]["bias"]  # [..., Nq, C]
+    # [..., Nq, C]
+    return (
+        jnp.einsum("...hnd,hdc->...nc", o, params["out"]["kernel"])
+        + params["out"]["bias"]
+    )
 
 
 def attention_weights(x, y, params):
-    "Scores of multi-query or multi-head attention (by the key kernel's rank): x [..., Nq, C], y [..., Nk, C_kv] -> [..., h, Nq, Nk]."
+    """Scores of multi-query or multi-head attention (by the key kernel's rank): x
+    [..., Nq, C], y [..., Nk, C_kv] -> [..., h, Nq, Nk]."""
     check_attention_params(x.shape, y.shape, params)
     q, k, _ = _project(x, y, params)
     return _scores(q, k)
 
 
 def multi_query_attention(x, y, params):
-    """Multi-query attention (Algorithm 2; Shazeer 2019): x [..., Nq, C] queries, y [..., Nk, C_kv] keys/values -> [..., Nq, C].
+    """Multi-query attention (Algorithm 2; Shazeer 2019): x [..., Nq, C] queries, y
+    [..., Nk, C_kv] keys/values -> [..., Nq, C].
 
-    params: query {kernel [C, h, d], bias [h, d]}, key/value {kernel [C_kv, d], bias [d]}, out {kernel [h, d, C], bias [C]}.
+    params: query {kernel [C, h, d], bias [h, d]}, key/value
+    {kernel [C_kv, d], bias [d]}, out {kernel [h, d, C], bias [C]}.
     """
     check_attention_params(x.shape, y.shape, params, multi_query=True)
     q, k, v = _project(x, y, params)  # [..., h, Nq, d], [..., Nk, d], [..., Nk, d]
@@ -79,7 +116,9 @@ def multi_query_attention(x, y, params):
 
 
 def multi_head_attention(x, y, params):
-    "Multi-head attention (Table 8's MHA): as `multi_query_attention` with key/value kernels [C_kv, h, d], biases [h, d]."
+    """Multi-head attention (Table 8's MHA): as `multi_query_attention` with key/value
+    kernels [C_kv, h, d], biases [h, d]."""
     check_attention_params(x.shape, y.shape, params, multi_query=False)
-    q, k, v = _project(x, y, params)  # [..., h, Nq, d], [..., h, Nk, d], [..., h, Nk, d]
+    # [..., h, Nq, d], [..., h, Nk, d], [..., h, Nk, d]
+    q, k, v = _project(x, y, params)
     return _attend(_scores(q, k), v, params)

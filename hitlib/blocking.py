@@ -10,12 +10,14 @@ from .reference.blocking import check_block_size, check_rank, check_unblock
 
 # %% ../notebooks/01b_blocking_jax.ipynb #26c8bdde
 def space_to_depth(x, block_size: int):
-    "[B, H, W, C] -> [B, H/p, W/p, p*p*C], channel order (dy, dx, c) as TensorFlow's `space_to_depth`."
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C], channel order (dy, dx, c) as TensorFlow's
+    `space_to_depth`."""
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     batch, height, width, channels = x.shape
     check_block_size(height, width, block_size)
     p = block_size
-    x = x.reshape(batch, height // p, p, width // p, p, channels)  # [B, H/p, dy, W/p, dx, C]
+    # [B, H/p, dy, W/p, dx, C]
+    x = x.reshape(batch, height // p, p, width // p, p, channels)
     x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # [B, H/p, W/p, dy, dx, C]
     return x.reshape(batch, height // p, width // p, p * p * channels)
 
@@ -28,7 +30,10 @@ def depth_to_space(x, block_size: int):
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     p = block_size
     if channels % (p * p):
-        raise ValueError(f"depth_to_space needs channels divisible by block_size**2={p * p}, got channels={channels}")
+        raise ValueError(
+            f"depth_to_space needs channels divisible by block_size**2={p * p}, got "
+            f"channels={channels}"
+        )
     out_channels = channels // (p * p)
     x = x.reshape(batch, height, width, p, p, out_channels)  # [B, H, W, dy, dx, C']
     x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))  # [B, H, dy, W, dx, C']
@@ -36,17 +41,22 @@ def depth_to_space(x, block_size: int):
 
 
 def block(x, block_size: int):
-    "Algorithm 3, `Block`: [B, H, W, C] -> [B, M, N, C] with M = (H/p)(W/p) blocks (row-major), N = p*p tokens."
-    y = space_to_depth(x, block_size)  # [B, H/p, W/p, p*p*C]; validates rank and block_size
+    """Algorithm 3, `Block`: [B, H, W, C] -> [B, M, N, C] with M = (H/p)(W/p) blocks
+    (row-major), N = p*p tokens."""
+    # [B, H/p, W/p, p*p*C]; validates rank and block_size
+    y = space_to_depth(x, block_size)
     batch, grid_h, grid_w, _ = y.shape
-    return y.reshape(batch, grid_h * grid_w, block_size * block_size, x.shape[-1])  # [B, M, N, C]
+    # [B, M, N, C]
+    return y.reshape(batch, grid_h * grid_w, block_size * block_size, x.shape[-1])
 
 
 def unblock(x, height: int, width: int):
-    "Algorithm 3, `UnBlock`: [B, M, N, C] -> [B, H, W, C] with H = `height`, W = `width`."
+    """Algorithm 3, `UnBlock`: [B, M, N, C] -> [B, H, W, C] with H = `height`,
+    W = `width`."""
     p = check_unblock(x.shape, height, width)
     batch, _, _, channels = x.shape
-    x = x.reshape(batch, height // p, width // p, p * p * channels)  # [B, H/p, W/p, p*p*C]
+    # [B, H/p, W/p, p*p*C]
+    x = x.reshape(batch, height // p, width // p, p * p * channels)
     return depth_to_space(x, p)
 
 

@@ -8,19 +8,33 @@ import math
 
 import jax.numpy as jnp
 
-from .attention import attention_weights, multi_head_attention, multi_query_attention
+from hitlib.attention import (
+    attention_weights,
+    multi_head_attention,
+    multi_query_attention,
+)
 from .reference.attention import is_multi_query
-from .reference.cross_attention import check_cross_attention_shapes, check_latent_params, cross_attention_flops
+from hitlib.reference.cross_attention import (
+    check_cross_attention_shapes,
+    check_latent_params,
+    cross_attention_flops,
+)
 
 # %% ../notebooks/04b_cross_attention_jax.ipynb #34999b49
 def latent_tokens(z, params, grid_size: int = 4):
-    """The latent embedding Z of section 3.3 / Algorithm 1 before its norm: Z = ReShape(Linear(z)) + P_Z.
+    """The latent embedding Z of section 3.3 / Algorithm 1 before its norm:
+    Z = ReShape(Linear(z)) + P_Z.
 
-    z: [B, D] -> [B, L, C0], L = grid_size**2 tokens in row-major grid order, C0 = params['pos'].shape[1].
-    params: {"dense": {"kernel": [D, L*C0], "bias": [L*C0]}, "pos": [L, C0]} (other keys ignored).
+    z: [B, D] -> [B, L, C0], L = grid_size**2 tokens in row-major grid order,
+    C0 = params['pos'].shape[1].
+    params: {"dense": {"kernel": [D, L*C0], "bias": [L*C0]}, "pos": [L, C0]}
+    (other keys ignored).
     """
     num_tokens, width = check_latent_params(z.shape, params, grid_size)
-    projected = jnp.einsum("bi,ik->bk", z, params["dense"]["kernel"]) + params["dense"]["bias"]  # [B, L*C0]
+    # [B, L*C0]
+    projected = (
+        jnp.einsum("bi,ik->bk", z, params["dense"]["kernel"]) + params["dense"]["bias"]
+    )
     tokens = projected.reshape(z.shape[0], num_tokens, width)  # [B, L, C0]
     return tokens + params["pos"]  # + P_Z [L, C0]
 
@@ -31,11 +45,13 @@ def _as_tokens(x):
 
 
 def cross_attention(x, latent, params):
-    """Cross-attention for self-modulation (section 3.3; Algorithm 1, `MultiQueryAttention(X_l, Z, Z)`).
+    """Cross-attention for self-modulation
+    (section 3.3; Algorithm 1, `MultiQueryAttention(X_l, Z, Z)`).
 
-    x: [B, H, W, C] feature map or [B, N, C] tokens (queries); latent: [B, L, C_kv] (keys and values)
-    -> the shape of x. Every token attends to all L latent tokens jointly. Multi-query params (key kernel [C_kv, d])
-    or multi-head ones (key kernel [C_kv, h, d]), in chapter 2's layout.
+    x: [B, H, W, C] feature map or [B, N, C] tokens (queries); latent: [B, L, C_kv]
+    (keys and values) -> the shape of x. Every token attends to all L latent tokens
+    jointly. Multi-query params (key kernel [C_kv, d]) or multi-head ones
+    (key kernel [C_kv, h, d]), in chapter 2's layout.
     """
     check_cross_attention_shapes(x.shape, latent.shape, params)
     attend = multi_query_attention if is_multi_query(params) else multi_head_attention
@@ -44,6 +60,7 @@ def cross_attention(x, latent, params):
 
 
 def cross_attention_weights(x, latent, params):
-    "Scores of `cross_attention`: x [B, H, W, C] or [B, N, C], latent [B, L, C_kv] -> [B, h, N, L], rows summing to 1."
+    """Scores of `cross_attention`: x [B, H, W, C] or [B, N, C], latent [B, L, C_kv] ->
+    [B, h, N, L], rows summing to 1."""
     check_cross_attention_shapes(x.shape, latent.shape, params)
     return attention_weights(_as_tokens(x), latent, params)  # [B, h, N, L]

@@ -32,29 +32,45 @@ _logger = logging.getLogger(__name__)
 
 # %% ../notebooks/11a_data.ipynb #783dee2e
 MNIST5K_FILE = "mnist5k.npz"
-# sha256 of images.tobytes() + labels.tobytes() of datasets/mnist5k.npz (uint8 [5000, 28, 28] and uint8 [5000])
-MNIST5K_CONTENT_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
+# sha256 of images.tobytes() + labels.tobytes() of datasets/mnist5k.npz (uint8 [5000,
+# 28, 28] and uint8 [5000])
+MNIST5K_CONTENT_SHA256 = (
+    "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
+)
 
 
 def datasets_dir() -> Path:
-    "The folder of the embedded data: `$HITLIB_DATASETS` if set, else `datasets/` beside the `hitlib` package."
+    """The folder of the embedded data: `$HITLIB_DATASETS` if set, else `datasets/`
+    beside the `hitlib` package."""
     override = os.environ.get("HITLIB_DATASETS")
-    package_dir = Path(next(iter(hitlib.__path__))).resolve()  # hitlib/ (works for a regular or an editable install)
+    # hitlib/ (works for a regular or an editable install)
+    package_dir = Path(next(iter(hitlib.__path__))).resolve()
     return Path(override) if override else package_dir.parent / "datasets"
 
 
 def load_mnist5k():
-    "The embedded digits as stored: (images uint8 [5000, 28, 28], labels uint8 [5000]), checksum verified."
+    """The embedded digits as stored:
+    (images uint8 [5000, 28, 28], labels uint8 [5000]), checksum verified."""
     path = datasets_dir() / MNIST5K_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"the embedded dataset {path} is missing: use a source checkout of hitlib "
-                                f"(pip install -e .) or point $HITLIB_DATASETS at a folder holding {MNIST5K_FILE}")
+        raise FileNotFoundError(
+            f"the embedded dataset {path} is missing: use a source checkout of hitlib "
+            "(pip install -e .) or point $HITLIB_DATASETS at a folder holding "
+            f"{MNIST5K_FILE}"
+        )
     with np.load(path, allow_pickle=False) as archive:
         images, labels = archive["images"], archive["labels"]
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
-    if images.shape != (5000, 28, 28) or images.dtype != np.uint8 or digest != MNIST5K_CONTENT_SHA256:
-        raise ValueError(f"{path} is not the embedded MNIST subset: images {images.shape} {images.dtype}, "
-                         f"content sha256 {digest}, expected {MNIST5K_CONTENT_SHA256}")
+    if (
+        images.shape != (5000, 28, 28)
+        or images.dtype != np.uint8
+        or digest != MNIST5K_CONTENT_SHA256
+    ):
+        raise ValueError(
+            f"{path} is not the embedded MNIST subset: images {images.shape} "
+            f"{images.dtype}, content sha256 {digest}, expected "
+            f"{MNIST5K_CONTENT_SHA256}"
+        )
     return images, labels
 
 # %% ../notebooks/11a_data.ipynb #c2dd8a7c
@@ -64,45 +80,65 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    "float [...] in [-1, 1] -> uint8 [...], rounded, values outside the range clipped (for display and files)."
+    """float [...] in [-1, 1] -> uint8 [...], rounded, values outside the range clipped
+    (for display and files)."""
     return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
 def check_resolution(resolution, name: str = "resolution") -> int:
     "A positive integer image side, or ValueError naming the argument."
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+    if (
+        isinstance(resolution, bool)
+        or not isinstance(resolution, (int, np.integer))
+        or resolution < 1
+    ):
         raise ValueError(f"{name} must be a positive integer, got {resolution!r}")
     return int(resolution)
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """The centre square of `image` (side = its short side), resized to `size`×`size` with PIL.
+    """The centre square of `image` (side = its short side), resized to `size`×`size`
+    with PIL.
 
-    image: uint8 [H, W] or [H, W, 3]. Returns uint8 [size, size] or [size, size, 3]. No resampling at all when the short
-    side already equals `size` (a pure crop); otherwise Lanczos when shrinking (PIL filters are antialiased: each output
-    pixel averages the input pixels it covers) and bicubic when enlarging.
+    image: uint8 [H, W] or [H, W, 3]. Returns uint8 [size, size] or [size, size, 3]. No
+    resampling at all when the short side already equals `size` (a pure crop); otherwise
+    Lanczos when shrinking
+    (PIL filters are antialiased: each output pixel averages the input pixels it covers)
+    and bicubic when enlarging.
     """
     size = check_resolution(size, "size")
-    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
-        raise ValueError(f"image must be uint8 [H, W] or [H, W, 3], got {image.dtype} {image.shape}")
+    if (
+        image.dtype != np.uint8
+        or image.ndim not in (2, 3)
+        or (image.ndim == 3 and image.shape[2] != 3)
+    ):
+        raise ValueError(
+            f"image must be uint8 [H, W] or [H, W, 3], got {image.dtype} {image.shape}"
+        )
     height, width = image.shape[:2]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     if side == size:
-        return image[top:top + side, left:left + side].copy()
+        return image[top : top + side, left : left + side].copy()
     resample = Image.Resampling.LANCZOS if side > size else Image.Resampling.BICUBIC
-    resized = Image.fromarray(image).resize((size, size), resample, box=(left, top, left + side, top + side))
+    resized = Image.fromarray(image).resize(
+        (size, size), resample, box=(left, top, left + side, top + side)
+    )
     return np.asarray(resized)
 
 
 def embed_digits(digits: np.ndarray, resolution: int = 32) -> np.ndarray:
-    "uint8 [N, 28, 28] -> float32 [N, R, R, 3] in [-1, 1]: pad to 32×32, resize to R if R != 32, grey -> RGB."
+    """uint8 [N, 28, 28] -> float32 [N, R, R, 3] in [-1, 1]: pad to 32×32, resize to R
+    if R != 32, grey -> RGB."""
     resolution = check_resolution(resolution)
     if digits.dtype != np.uint8 or digits.ndim != 3 or digits.shape[1:] != (28, 28):
-        raise ValueError(f"digits must be uint8 [N, 28, 28], got {digits.dtype} {digits.shape}")
+        raise ValueError(
+            f"digits must be uint8 [N, 28, 28], got {digits.dtype} {digits.shape}"
+        )
     padded = np.pad(digits, ((0, 0), (2, 2), (2, 2)))  # [N, 32, 32], black margin
     if resolution != 32:
-        padded = np.stack([resize_square(digit, resolution) for digit in padded])  # [N, R, R]
+        # [N, R, R]
+        padded = np.stack([resize_square(digit, resolution) for digit in padded])
     rgb = np.repeat(padded[..., None], 3, axis=-1)  # [N, R, R, 3]
     return to_float(rgb)
 
@@ -115,14 +151,18 @@ def embed_digits_loops(digits: np.ndarray) -> np.ndarray:
         for i in range(28):
             for j in range(28):
                 for c in range(3):
-                    out[n, i + 2, j + 2, c] = np.float32(digits[n, i, j]) / np.float32(127.5) - np.float32(1)
+                    out[n, i + 2, j + 2, c] = np.float32(digits[n, i, j]) / np.float32(
+                        127.5
+                    ) - np.float32(1)
     return out
 
 
 def load_embedded(resolution: int = 32, with_labels: bool = False):
-    """The embedded MNIST digits for training: float32 [5000, R, R, 3] in [-1, 1] (and uint8 labels [5000] if asked).
+    """The embedded MNIST digits for training: float32 [5000, R, R, 3] in [-1, 1]
+    (and uint8 labels [5000] if asked).
 
-    Grey replicated into RGB; padded 28 -> 32, then resized to R if R != 32 (see `embed_digits`).
+    Grey replicated into RGB; padded 28 -> 32, then resized to R if R != 32
+    (see `embed_digits`).
     """
     digits, labels = load_mnist5k()
     images = embed_digits(digits, resolution)
@@ -130,13 +170,19 @@ def load_embedded(resolution: int = 32, with_labels: bool = False):
 
 # %% ../notebooks/11a_data.ipynb #c1b92c26
 def image_grid(images: np.ndarray, columns: int = 10, gap: int = 1) -> np.ndarray:
-    "float [N, R, R, 3] in [-1, 1] -> uint8 [rows·(R+gap)-gap, columns·(R+gap)-gap, 3], white gaps, for display."
+    """float [N, R, R, 3] in [-1, 1] -> uint8
+    [rows·(R+gap)-gap, columns·(R+gap)-gap, 3], white gaps, for display."""
     count, size = images.shape[0], images.shape[1]
     rows = -(-count // columns)
-    grid = np.full((rows * (size + gap) - gap, columns * (size + gap) - gap, 3), 255, np.uint8)
+    grid = np.full(
+        (rows * (size + gap) - gap, columns * (size + gap) - gap, 3), 255, np.uint8
+    )
     for n, image in enumerate(to_uint8(images)):
         row, column = divmod(n, columns)
-        grid[row * (size + gap):row * (size + gap) + size, column * (size + gap):column * (size + gap) + size] = image
+        grid[
+            row * (size + gap) : row * (size + gap) + size,
+            column * (size + gap) : column * (size + gap) + size,
+        ] = image
     return grid
 
 # %% ../notebooks/11a_data.ipynb #4ab36601
@@ -145,7 +191,8 @@ class BadImageError(ValueError):
 
 
 def composite(rgba: np.ndarray, background: int = 0) -> np.ndarray:
-    "uint8 [H, W, 4] -> uint8 [H, W, 3]: colour over a grey `background` level, (c·α + b·(255 − α)) / 255, rounded."
+    """uint8 [H, W, 4] -> uint8 [H, W, 3]: colour over a grey `background` level,
+    (c·α + b·(255 − α)) / 255, rounded."""
     colour = rgba[..., :3].astype(np.uint32)
     alpha = rgba[..., 3:].astype(np.uint32)  # [H, W, 1]
     return ((colour * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
@@ -159,18 +206,23 @@ def composite_loops(rgba: np.ndarray, background: int = 0) -> np.ndarray:
         for j in range(width):
             alpha = int(rgba[i, j, 3])
             for c in range(3):
-                out[i, j, c] = (int(rgba[i, j, c]) * alpha + background * (255 - alpha) + 127) // 255
+                out[i, j, c] = (
+                    int(rgba[i, j, c]) * alpha + background * (255 - alpha) + 127
+                ) // 255
     return out
 
 
 def pil_to_rgb(image: Image.Image, background: int = 0) -> np.ndarray:
-    """A loaded PIL image of any mode -> uint8 [H, W, 3]: 16-bit grey keeps its high byte, 32-bit integers (mode I)
-    their high 8 of 31 value bits (negative values are 0), transparency is composited over `background`."""
+    """A loaded PIL image of any mode -> uint8 [H, W, 3]: 16-bit grey keeps its high
+    byte, 32-bit integers (mode I) their high 8 of 31 value bits
+    (negative values are 0), transparency is composited over `background`."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)  # 16-bit: the high byte
+        # 16-bit: the high byte
+        grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)  # [H, W] -> [H, W, 3]
-    if mode == "I":  # 32-bit signed integers: [0, 2**31 - 1] onto [0, 255] (the high 8 of 31 value bits)
+    # 32-bit signed integers: [0, 2**31 - 1] onto [0, 255] (the high 8 of 31 value bits)
+    if mode == "I":
         values = np.clip(np.asarray(image).astype(np.int64), 0, 2**31 - 1)
         grey = (values >> 23).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
@@ -182,23 +234,35 @@ def pil_to_rgb(image: Image.Image, background: int = 0) -> np.ndarray:
 
 
 def decode_image(path, background: int = 0) -> np.ndarray:
-    "The image file `path` -> uint8 [H, W, 3] (see `pil_to_rgb`); `BadImageError` naming the file if it cannot be read."
+    """The image file `path` -> uint8 [H, W, 3] (see `pil_to_rgb`); `BadImageError`
+    naming the file if it cannot be read."""
     try:
         with Image.open(path) as image:
-            image.load()  # decode everything now: a truncated file fails here, not later
+            # decode everything now: a truncated file fails here, not later
+            image.load()
             image = ImageOps.exif_transpose(image)
             return pil_to_rgb(image, background)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise BadImageError(f"{path}: not a readable image ({type(error).__name__}: {error})") from error
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        Image.DecompressionBombError,
+    ) as error:
+        raise BadImageError(
+            f"{path}: not a readable image ({type(error).__name__}: {error})"
+        ) from error
 
 # %% ../notebooks/11a_data.ipynb #994b0cfc
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-# ImageNet: random crops of proportion 0.875 for training, the centre crop for evaluation (hit-facts, "Training")
+# ImageNet: random crops of proportion 0.875 for training, the centre crop for
+# evaluation (appendix, 'Where the paper is silent')
 IMAGENET_CROP_FRACTION = 0.875
 
 
 def storage_size(resolution: int, crop_fraction: float = 1.0) -> int:
-    "Side of the stored square so that a `resolution` crop covers `crop_fraction` of it: round(R / f)."
+    """Side of the stored square so that a `resolution` crop covers `crop_fraction` of
+    it: round(R / f)."""
     resolution = check_resolution(resolution)
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
@@ -206,7 +270,8 @@ def storage_size(resolution: int, crop_fraction: float = 1.0) -> int:
 
 
 def list_images(folder, extensions: Sequence[str] = IMAGE_EXTENSIONS):
-    "(sorted image paths under `folder`, number of other files left out); ValueError if missing or without images."
+    """(sorted image paths under `folder`, number of other files left out); ValueError
+    if missing or without images."""
     folder = Path(folder)
     if not folder.exists():
         raise ValueError(f"image folder {folder} does not exist")
@@ -222,14 +287,16 @@ def list_images(folder, extensions: Sequence[str] = IMAGE_EXTENSIONS):
             else:
                 others += 1
     if not images:
-        raise ValueError(f"image folder {folder} holds no image files ({', '.join(extensions)}); "
-                         f"{others} other files")
+        raise ValueError(
+            f"image folder {folder} holds no image files ({', '.join(extensions)}); "
+            f"{others} other files"
+        )
     return images, others
 
 
 def _decode_for_storage(task):
-    """Worker: (path, size, background) -> (uint8 [size, size, 3], None, short side of the file) or
-    (None, reason, 0)."""
+    """Worker: (path, size, background) ->
+    (uint8 [size, size, 3], None, short side of the file) or (None, reason, 0)."""
     path, size, background = task
     try:
         image = decode_image(path, background)
@@ -239,17 +306,29 @@ def _decode_for_storage(task):
 
 
 class ImageFolder:
-    """Random-access dataset of the images under `folder`: element i is uint8 [S, S, 3], S = storage_size(R, f).
+    """Random-access dataset of the images under `folder`: element i is uint8 [S, S, 3],
+    S = storage_size(R, f).
 
-    resolution: R, the side trained on; crop_fraction: f (1 for FFHQ / CelebA-HQ, 0.875 for ImageNet).
-    labels: None, or "subfolders" (label = index of the first-level subfolder in `class_names`; elements are then
-    dicts {"image": uint8 [S, S, 3], "label": int}). skip_bad: decode every file now and leave the bad ones out
-    (`.skipped` lists them) instead of raising `BadImageError` when one is read.
+    resolution: R, the side trained on; crop_fraction: f
+    (1 for FFHQ / CelebA-HQ, 0.875 for ImageNet).
+    labels: None, or "subfolders" (label = index of the first-level subfolder in
+    `class_names`; elements are then dicts {"image": uint8 [S, S, 3], "label": int}).
+    skip_bad: decode every file now and leave the bad ones out (`.skipped` lists them)
+    instead of raising `BadImageError` when one is read.
     """
 
-    def __init__(self, folder, resolution: int, *, crop_fraction: float = 1.0, labels: Optional[str] = None,
-                 class_names: Optional[Sequence[str]] = None, skip_bad: bool = False, background: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+    def __init__(
+        self,
+        folder,
+        resolution: int,
+        *,
+        crop_fraction: float = 1.0,
+        labels: Optional[str] = None,
+        class_names: Optional[Sequence[str]] = None,
+        skip_bad: bool = False,
+        background: int = 0,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ):
         if labels not in (None, "subfolders"):
             raise ValueError(f"labels must be None or 'subfolders', got {labels!r}")
         self.folder = Path(folder)
@@ -259,14 +338,23 @@ class ImageFolder:
         self.background = background
         self.paths, self.ignored = list_images(self.folder, extensions)
         if self.ignored:
-            _logger.info("%s: left out %d files that are not %s images", self.folder, self.ignored,
-                           "/".join(e.lstrip(".").upper() for e in extensions))
+            _logger.info(
+                "%s: left out %d files that are not %s images",
+                self.folder,
+                self.ignored,
+                "/".join(e.lstrip(".").upper() for e in extensions),
+            )
         self.class_names, self.labels = None, None
         if labels == "subfolders":
             self.class_names, self.labels = self._subfolder_labels(class_names)
         self.skipped = []
         if skip_bad:
-            keep = [index for index, _ in _decode_checked(self.paths, self.size, background, 0, True, self.skipped)]
+            keep = [
+                index
+                for index, _ in _decode_checked(
+                    self.paths, self.size, background, 0, True, self.skipped
+                )
+            ]
             _report_skipped(self.folder, self.skipped, len(self.paths))
             self.paths = [self.paths[i] for i in keep]
             if self.labels is not None:
@@ -276,12 +364,17 @@ class ImageFolder:
         names = [path.relative_to(self.folder).parts[0] for path in self.paths]
         for path, name in zip(self.paths, names):
             if path.parent == self.folder:
-                raise ValueError(f"labels='subfolders' needs every image in a class subfolder, found {path}")
+                raise ValueError(
+                    "labels='subfolders' needs every image in a class subfolder, "
+                    f"found {path}"
+                )
         class_names = sorted(set(names)) if class_names is None else list(class_names)
         index = {name: i for i, name in enumerate(class_names)}
         unknown = sorted(set(names) - set(index))
         if unknown:
-            raise ValueError(f"subfolders {unknown[:5]} of {self.folder} are not in class_names")
+            raise ValueError(
+                f"subfolders {unknown[:5]} of {self.folder} are not in class_names"
+            )
         return class_names, [index[name] for name in names]
 
     def __len__(self) -> int:
@@ -290,35 +383,57 @@ class ImageFolder:
     def __getitem__(self, index: int):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image = resize_square(decode_image(self.paths[index], self.background), self.size)
+        image = resize_square(
+            decode_image(self.paths[index], self.background), self.size
+        )
         if self.labels is None:
             return image
         return {"image": image, "label": self.labels[index]}
 
     def __repr__(self) -> str:
-        return (f"ImageFolder({str(self.folder)!r}, {len(self)} images, size {self.size}, "
-                f"labels={'subfolders' if self.labels is not None else None})")
+        return (
+            f"ImageFolder({str(self.folder)!r}, {len(self)} images, size {self.size}, "
+            f"labels={'subfolders' if self.labels is not None else None})"
+        )
 
 
-def _decode_checked(paths, size, background, workers: int, skip_bad: bool, skipped: list,
-                    upscaled: Optional[list] = None):
-    """(index, uint8 [size, size, 3]) for each readable file of `paths`, in order, decoded in `workers` processes if > 0.
+def _decode_checked(
+    paths,
+    size,
+    background,
+    workers: int,
+    skip_bad: bool,
+    skipped: list,
+    upscaled: Optional[list] = None,
+):
+    """(index, uint8 [size, size, 3]) for each readable file of `paths`, in order,
+    decoded in `workers` processes if > 0.
 
-    A bad file raises `BadImageError`, or with `skip_bad` is appended to `skipped` as (path, reason). Files whose short
-    side is below `size` (they are enlarged) are appended to `upscaled` if it is a list.
+    A bad file raises `BadImageError`, or with `skip_bad` is appended to `skipped` as
+    (path, reason). Files whose short side is below `size` (they are enlarged) are
+    appended to `upscaled` if it is a list.
     """
     tasks = [(path, size, background) for path in paths]
     if workers > 0:
-        context = multiprocessing.get_context("spawn")  # fork is unsafe once JAX's threads run
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # fork is unsafe once JAX's threads run
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context
+        ) as pool:
             results = pool.map(_decode_for_storage, tasks, chunksize=32)
             yield from _check_results(tasks, results, skip_bad, skipped, upscaled)
     else:
-        yield from _check_results(tasks, map(_decode_for_storage, tasks), skip_bad, skipped, upscaled)
+        yield from _check_results(
+            tasks, map(_decode_for_storage, tasks), skip_bad, skipped, upscaled
+        )
 
 
-def _check_results(tasks, results, skip_bad: bool, skipped: list, upscaled: Optional[list]):
-    for index, ((path, size, _), (image, reason, side)) in enumerate(zip(tasks, results)):
+def _check_results(
+    tasks, results, skip_bad: bool, skipped: list, upscaled: Optional[list]
+):
+    for index, ((path, size, _), (image, reason, side)) in enumerate(
+        zip(tasks, results)
+    ):
         if reason is None:
             if upscaled is not None and side < size:
                 upscaled.append(str(path))
@@ -332,17 +447,32 @@ def _check_results(tasks, results, skip_bad: bool, skipped: list, upscaled: Opti
 def _report_skipped(folder, skipped: list, total: int) -> None:
     "Log how many files were skipped; ValueError if that was all of them."
     if len(skipped) == total:
-        raise ValueError(f"image folder {folder}: none of its {total} image files is readable")
+        raise ValueError(
+            f"image folder {folder}: none of its {total} image files is readable"
+        )
     if skipped:
-        _logger.warning("%s: skipped %d of %d image files that could not be read (first: %s)", folder, len(skipped),
-                       total, skipped[0][1])
+        _logger.warning(
+            "%s: skipped %d of %d image files that could not be read (first: %s)",
+            folder,
+            len(skipped),
+            total,
+            skipped[0][1],
+        )
 
 
-def load_image_folder(folder, resolution: int, *, skip_bad: bool = False, workers: int = 0) -> np.ndarray:
-    "Every image of `folder` in memory, for small folders: float32 [N, R, R, 3] in [-1, 1] (centre squares)."
+def load_image_folder(
+    folder, resolution: int, *, skip_bad: bool = False, workers: int = 0
+) -> np.ndarray:
+    """Every image of `folder` in memory, for small folders: float32 [N, R, R, 3] in
+    [-1, 1] (centre squares)."""
     source = ImageFolder(folder, resolution)
     skipped = []
-    images = [image for _, image in _decode_checked(source.paths, source.size, 0, workers, skip_bad, skipped)]
+    images = [
+        image
+        for _, image in _decode_checked(
+            source.paths, source.size, 0, workers, skip_bad, skipped
+        )
+    ]
     _report_skipped(source.folder, skipped, len(source.paths))
     return to_float(np.stack(images))  # [N, R, R, 3]
 
@@ -351,35 +481,60 @@ SHARDS_FORMAT = "hitlib-shards-1"
 
 
 def save_npz_reproducibly(path, arrays: dict) -> None:
-    "Like np.savez_compressed, with fixed member order and timestamps: equal arrays give an identical file."
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+    """Like np.savez_compressed, with fixed member order and timestamps: equal arrays
+    give an identical file."""
+    with zipfile.ZipFile(
+        path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9
+    ) as archive:
         for name in sorted(arrays):
             buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, np.asarray(arrays[name]), allow_pickle=False)
+            np.lib.format.write_array(
+                buffer, np.asarray(arrays[name]), allow_pickle=False
+            )
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             archive.writestr(info, buffer.getvalue(), compresslevel=9)
 
 
-def prepare_image_folder(folder, output, resolution: int, *, crop_fraction: float = 1.0,
-                         labels: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
-                         label_of: Optional[dict] = None, shard_size: int = 4096, workers: int = 0,
-                         skip_bad: bool = False, allow_upscale: bool = True, background: int = 0,
-                         progress: bool = False) -> dict:
-    """Decode the images under `folder` once into `.npy` shards in the new folder `output`; returns the manifest.
+def prepare_image_folder(
+    folder,
+    output,
+    resolution: int,
+    *,
+    crop_fraction: float = 1.0,
+    labels: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+    label_of: Optional[dict] = None,
+    shard_size: int = 4096,
+    workers: int = 0,
+    skip_bad: bool = False,
+    allow_upscale: bool = True,
+    background: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Decode the images under `folder` once into `.npy` shards in the new folder
+    `output`; returns the manifest.
 
-    Shards: `images-KKKKK.npy` uint8 [n, S, S, 3] (S = storage_size(resolution, crop_fraction)) and, with labels,
-    `labels-KKKKK.npy` int32 [n]. labels: None; "subfolders" (first-level folder name -> index in `class_names`, sorted
-    names by default); or "mapping": `label_of` maps a file's stem (name without extension) to a class name in
-    `class_names`. workers > 0 decodes in that many processes. Bad files raise `BadImageError`, or with `skip_bad` are
-    left out and listed in the manifest. Images smaller than S are enlarged with a warning, or refused
-    (`allow_upscale=False`). Every argument is checked before anything is written, and a preparation that fails
-    removes what it wrote: `output` is either complete (its manifest.json written last) or as it was.
+    Shards: `images-KKKKK.npy` uint8 [n, S, S, 3]
+    (S = storage_size(resolution, crop_fraction)) and, with labels, `labels-KKKKK.npy`
+    int32 [n]. labels: None; "subfolders"
+    (first-level folder name -> index in `class_names`, sorted names by default); or
+    "mapping": `label_of` maps a file's stem (name without extension) to a class name in
+    `class_names`. workers > 0 decodes in that many processes. Bad files raise
+    `BadImageError`, or with `skip_bad` are left out and listed in the manifest. Images
+    smaller than S are enlarged with a warning, or refused (`allow_upscale=False`).
+    Every argument is checked before anything is written, and a preparation that fails
+    removes what it wrote: `output` is either complete (its manifest.json written last)
+    or as it was.
     """
     output = Path(output)
     resolution = check_resolution(resolution)
     size = storage_size(resolution, crop_fraction)
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+    if (
+        isinstance(shard_size, bool)
+        or not isinstance(shard_size, int)
+        or shard_size < 1
+    ):
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
@@ -389,24 +544,50 @@ def prepare_image_folder(folder, output, resolution: int, *, crop_fraction: floa
         raise ValueError(f"output folder {output} exists and is not empty")
     if labels == "mapping":
         if label_of is None or class_names is None:
-            raise ValueError("labels='mapping' needs label_of (file stem -> class name) and class_names")
-        source = ImageFolder(folder, resolution, crop_fraction=crop_fraction, background=background)
+            raise ValueError(
+                "labels='mapping' needs label_of (file stem -> class name) and "
+                "class_names"
+            )
+        source = ImageFolder(
+            folder, resolution, crop_fraction=crop_fraction, background=background
+        )
         index = {name: i for i, name in enumerate(class_names)}
-        missing = [path for path in source.paths if label_of.get(path.stem) not in index]
+        missing = [
+            path for path in source.paths if label_of.get(path.stem) not in index
+        ]
         if missing:
-            raise ValueError(f"{len(missing)} images have no known label, first {missing[0]}")
+            raise ValueError(
+                f"{len(missing)} images have no known label, first {missing[0]}"
+            )
         all_labels = [index[label_of[path.stem]] for path in source.paths]
     else:
-        source = ImageFolder(folder, resolution, crop_fraction=crop_fraction, labels=labels, class_names=class_names,
-                             background=background)
+        source = ImageFolder(
+            folder,
+            resolution,
+            crop_fraction=crop_fraction,
+            labels=labels,
+            class_names=class_names,
+            background=background,
+        )
         all_labels = source.labels
         class_names = source.class_names
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     written = []
     try:
-        return _write_shards(source, output, all_labels, class_names, shard_size, workers, skip_bad, allow_upscale,
-                             background, progress, written)
+        return _write_shards(
+            source,
+            output,
+            all_labels,
+            class_names,
+            shard_size,
+            workers,
+            skip_bad,
+            allow_upscale,
+            background,
+            progress,
+            written,
+        )
     except BaseException:
         for path in written:  # only what this call wrote: the folder was empty or new
             path.unlink(missing_ok=True)
@@ -415,8 +596,19 @@ def prepare_image_folder(folder, output, resolution: int, *, crop_fraction: floa
         raise
 
 
-def _write_shards(source, output, all_labels, class_names, shard_size, workers, skip_bad, allow_upscale,
-                  background, progress, written) -> dict:
+def _write_shards(
+    source,
+    output,
+    all_labels,
+    class_names,
+    shard_size,
+    workers,
+    skip_bad,
+    allow_upscale,
+    background,
+    progress,
+    written,
+) -> dict:
     skipped, upscaled, shards, files, buffer, buffer_labels = [], [], [], [], [], []
 
     def save(name, array):
@@ -434,14 +626,25 @@ def _write_shards(source, output, all_labels, class_names, shard_size, workers, 
         buffer.clear()
         buffer_labels.clear()
 
-    decoded = _decode_checked(source.paths, source.size, background, workers, skip_bad, skipped, upscaled)
+    decoded = _decode_checked(
+        source.paths, source.size, background, workers, skip_bad, skipped, upscaled
+    )
     if progress:
         from tqdm.auto import tqdm
-        decoded = tqdm(decoded, total=len(source.paths), desc=f"preparing {output.name}", unit="img")
+
+        decoded = tqdm(
+            decoded,
+            total=len(source.paths),
+            desc=f"preparing {output.name}",
+            unit="img",
+        )
     for index, image in decoded:
         if upscaled and not allow_upscale:
-            raise ValueError(f"{upscaled[0]}: smaller than {source.size}×{source.size} (its short side would be "
-                             f"enlarged); leave it out, or allow enlarging (drop --no-upscale)")
+            raise ValueError(
+                f"{upscaled[0]}: smaller than {source.size}×{source.size} (its short "
+                "side would be enlarged); leave it out, or allow enlarging (drop "
+                "--no-upscale)"
+            )
         buffer.append(image)
         files.append(source.paths[index].relative_to(source.folder).as_posix())
         if all_labels is not None:
@@ -452,81 +655,127 @@ def _write_shards(source, output, all_labels, class_names, shard_size, workers, 
         flush()
     _report_skipped(source.folder, skipped, len(source.paths))
     if upscaled:
-        _logger.warning("%s: %d of %d images are smaller than %d×%d and were enlarged (bicubic), first %s",
-                        source.folder, len(upscaled), len(files), source.size, source.size, upscaled[0])
+        _logger.warning(
+            "%s: %d of %d images are smaller than %d×%d and were enlarged (bicubic), "
+            "first %s",
+            source.folder,
+            len(upscaled),
+            len(files),
+            source.size,
+            source.size,
+            upscaled[0],
+        )
     manifest = {
-        "format": SHARDS_FORMAT, "source": str(source.folder), "resolution": source.resolution,
-        "crop_fraction": source.crop_fraction, "size": source.size, "count": len(files), "shards": shards,
-        "class_names": class_names, "skipped": skipped, "upscaled": len(upscaled), "files": files,
-        "resize": "centre square of the short side; PIL Lanczos when shrinking, bicubic when enlarging",
+        "format": SHARDS_FORMAT,
+        "source": str(source.folder),
+        "resolution": source.resolution,
+        "crop_fraction": source.crop_fraction,
+        "size": source.size,
+        "count": len(files),
+        "shards": shards,
+        "class_names": class_names,
+        "skipped": skipped,
+        "upscaled": len(upscaled),
+        "files": files,
+        "resize": "centre square of the short side; PIL Lanczos when shrinking, "
+        "bicubic when enlarging",
     }
     written.append(output / "files.txt")
     (output / "files.txt").write_text("\n".join(files) + "\n")
-    manifest_text = json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=1)
+    manifest_text = json.dumps(
+        {k: v for k, v in manifest.items() if k != "files"}, indent=1
+    )
     written.append(output / "manifest.json.tmp")
     (output / "manifest.json.tmp").write_text(manifest_text)
     written.append(output / "manifest.json")
-    os.replace(output / "manifest.json.tmp", output / "manifest.json")  # written last, atomically: the folder is complete
+    # written last, atomically: the folder is complete
+    os.replace(output / "manifest.json.tmp", output / "manifest.json")
     return manifest
 
 
 def read_label_file(path) -> dict:
-    """File stem -> class name, from a CSV or whitespace-separated text file: one image per line, its name (with or
-    without extension) first, then its class (the first word of the second field). A header line is skipped.
+    """File stem -> class name, from a CSV or whitespace-separated text file: one image
+    per line, its name (with or without extension) first, then its class
+    (the first word of the second field). A header line is skipped.
 
-    Reads ImageNet's `LOC_val_solution.csv` (`ImageId,PredictionString`, whose string starts with the synset) and
-    plain `ILSVRC2012_val_00000001.JPEG n01751748` lists alike.
+    Reads ImageNet's `LOC_val_solution.csv`
+    (`ImageId,PredictionString`, whose string starts with the synset) and plain
+    `ILSVRC2012_val_00000001.JPEG n01751748` lists alike.
     """
     label_of = {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         fields = line.split(",", 1) if "," in line else line.split(None, 1)
         if len(fields) < 2 or not fields[1].split():
             if line.strip():
-                raise ValueError(f"{path}, line {number}: expected 'name,class' or 'name class', got {line!r}")
+                raise ValueError(
+                    f"{path}, line {number}: expected 'name,class' or 'name class', "
+                    f"got {line!r}"
+                )
             continue
         name, label = fields[0].strip(), fields[1].split()[0]
-        if number == 1 and name.lower() in ("imageid", "image", "filename", "file", "name"):
+        if number == 1 and name.lower() in (
+            "imageid",
+            "image",
+            "filename",
+            "file",
+            "name",
+        ):
             continue  # header
         label_of[Path(name).stem] = label
     return label_of
 
 
 class ShardedArraySource:
-    """Grain source over prepared shards: element i is uint8 [S, S, 3], or {"image", "label"} with labels.
+    """Grain source over prepared shards: element i is uint8 [S, S, 3], or
+    {"image", "label"} with labels.
 
-    Opening checks the whole folder before anything is read: the manifest, and every shard's file, dtype and shape
-    (from the `.npy` headers alone), so that a missing or cut shard is reported now, naming the file, not at the step
-    that first draws from it. Shards are memory-mapped; `resolution`, `size`, `crop_fraction` and `class_names` come
-    from the manifest.
+    Opening checks the whole folder before anything is read: the manifest, and every
+    shard's file, dtype and shape (from the `.npy` headers alone), so that a missing or
+    cut shard is reported now, naming the file, not at the step that first draws from
+    it. Shards are memory-mapped; `resolution`, `size`, `crop_fraction` and
+    `class_names` come from the manifest.
     """
 
     def __init__(self, path):
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
         if not manifest_path.is_file():
-            raise ValueError(f"{self.path} is not a prepared dataset (no manifest.json: missing, or interrupted "
-                             f"while being prepared)")
+            raise ValueError(
+                f"{self.path} is not a prepared dataset (no manifest.json: missing, or "
+                "interrupted while being prepared)"
+            )
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as error:
             raise ValueError(f"{manifest_path}: unreadable ({error})") from None
         if self.manifest.get("format") != SHARDS_FORMAT:
-            raise ValueError(f"{manifest_path}: unknown format {self.manifest.get('format')!r}")
+            raise ValueError(
+                f"{manifest_path}: unknown format {self.manifest.get('format')!r}"
+            )
         self.resolution, self.size = self.manifest["resolution"], self.manifest["size"]
-        self.crop_fraction, self.class_names = self.manifest["crop_fraction"], self.manifest["class_names"]
+        self.crop_fraction, self.class_names = (
+            self.manifest["crop_fraction"],
+            self.manifest["class_names"],
+        )
         for shard in self.manifest["shards"]:
             self._check_shard(shard)
         counts = [shard["count"] for shard in self.manifest["shards"]]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()  # shard k: [o[k], o[k+1])
+        # shard k: [o[k], o[k+1])
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
         if self.offsets[-1] != self.manifest["count"] or not counts:
-            raise ValueError(f"{manifest_path}: its shards hold {self.offsets[-1]} images, the manifest says "
-                             f"{self.manifest['count']}")
+            raise ValueError(
+                f"{manifest_path}: its shards hold {self.offsets[-1]} images, the "
+                f"manifest says {self.manifest['count']}"
+            )
         self._arrays = {}
 
     def _check_shard(self, shard: dict) -> None:
-        "ValueError naming the file unless the shard's arrays have the manifest's dtype and shape."
-        expected = {"images": ((shard["count"], self.size, self.size, 3), np.uint8),
-                    "labels": ((shard["count"],), np.int32)}
+        """ValueError naming the file unless the shard's arrays have the manifest's
+        dtype and shape."""
+        expected = {
+            "images": ((shard["count"], self.size, self.size, 3), np.uint8),
+            "labels": ((shard["count"],), np.int32),
+        }
         for key in ("images", "labels"):
             if key not in shard:
                 continue
@@ -535,10 +784,16 @@ class ShardedArraySource:
             try:
                 array = np.load(path, mmap_mode="r")  # reads the header only
             except (OSError, ValueError) as error:
-                raise ValueError(f"{path}: missing or unreadable shard ({type(error).__name__}: {error})") from None
+                raise ValueError(
+                    f"{path}: missing or unreadable shard ({type(error).__name__}: "
+                    f"{error})"
+                ) from None
             if array.shape != shape or array.dtype != dtype:
-                raise ValueError(f"{path}: holds {array.dtype} {list(array.shape)}, the manifest says {np.dtype(dtype)} "
-                                 f"{list(shape)} (damaged or cut: prepare the dataset again)")
+                raise ValueError(
+                    f"{path}: holds {array.dtype} {list(array.shape)}, the manifest "
+                    f"says {np.dtype(dtype)} {list(shape)} (damaged or cut: prepare "
+                    "the dataset again)"
+                )
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -550,36 +805,52 @@ class ShardedArraySource:
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images in {self.path}")
+            raise IndexError(
+                f"index {index} out of range for {len(self)} images in {self.path}"
+            )
         shard_index = bisect.bisect_right(self.offsets, index) - 1
-        shard, row = self.manifest["shards"][shard_index], index - self.offsets[shard_index]
-        image = np.array(self._array(shard["images"])[row])  # [S, S, 3], copied out of the memory map
+        shard, row = (
+            self.manifest["shards"][shard_index],
+            index - self.offsets[shard_index],
+        )
+        # [S, S, 3], copied out of the memory map
+        image = np.array(self._array(shard["images"])[row])
         if "labels" not in shard:
             return image
         return {"image": image, "label": int(self._array(shard["labels"])[row])}
 
-    def __getstate__(self):  # memory maps are reopened in each worker process, never pickled
+    # memory maps are reopened in each worker process, never pickled
+    def __getstate__(self):
         return {**self.__dict__, "_arrays": {}}
 
     def __repr__(self) -> str:
-        return f"ShardedArraySource({str(self.path)!r}, {len(self)} images, size {self.size})"
+        return (
+            f"ShardedArraySource({str(self.path)!r}, {len(self)} images, "
+            f"size {self.size})"
+        )
 
 
 def prepare_command(folder, resolution: int, crop_fraction: float = 1.0) -> str:
-    "The `hitlib prepare` command that turns the image folder `folder` into shards for `resolution`."
+    """The `hitlib prepare` command that turns the image folder `folder` into shards for
+    `resolution`."""
     folder = Path(folder)
     output = folder.parent / f"{folder.name}-{resolution}"
     crop = f" --crop-fraction {crop_fraction:g}" if crop_fraction != 1.0 else ""
     return f"hitlib prepare folder {folder} {output} --resolution {resolution}{crop}"
 
 
-def open_training_data(path, resolution: int, crop_fraction: float = 1.0) -> ShardedArraySource:
-    """The prepared shards in `path`, checked for training at `resolution` with crops of `crop_fraction`.
+def open_training_data(
+    path, resolution: int, crop_fraction: float = 1.0
+) -> ShardedArraySource:
+    """The prepared shards in `path`, checked for training at `resolution` with crops of
+    `crop_fraction`.
 
-    Every way a data folder can be wrong is a `ValueError` naming the path, raised before any training work: missing,
-    not a folder, empty, an interrupted preparation, a folder of raw images (the message gives the `hitlib prepare`
-    command that turns it into shards: decoding and resizing every image at every step would starve the accelerator),
-    damaged shards, or shards of another resolution or crop fraction.
+    Every way a data folder can be wrong is a `ValueError` naming the path, raised
+    before any training work: missing, not a folder, empty, an interrupted preparation,
+    a folder of raw images (the message gives the `hitlib prepare`
+    command that turns it into shards: decoding and resizing every image at every step
+    would starve the accelerator), damaged shards, or shards of another resolution or
+    crop fraction.
     """
     path = Path(path)
     if not path.exists():
@@ -588,27 +859,42 @@ def open_training_data(path, resolution: int, crop_fraction: float = 1.0) -> Sha
         raise ValueError(f"data {path} is not a folder")
     if not (path / "manifest.json").is_file():
         if any(path.glob("images-*.npy")):
-            raise ValueError(f"data folder {path} holds shards but no manifest.json: its preparation was interrupted; "
-                             f"delete the folder and prepare it again")
+            raise ValueError(
+                f"data folder {path} holds shards but no manifest.json: its "
+                "preparation was interrupted; delete the folder and prepare it again"
+            )
         try:
             list_images(path)
         except ValueError:
-            raise ValueError(f"data folder {path} holds neither prepared shards (manifest.json) nor images") from None
-        raise ValueError(f"data folder {path} holds raw images, not prepared shards: prepare it once with "
-                         f"`{prepare_command(path, resolution, crop_fraction)}`, then train on that folder")
+            raise ValueError(
+                f"data folder {path} holds neither prepared shards (manifest.json) nor "
+                "images"
+            ) from None
+        raise ValueError(
+            f"data folder {path} holds raw images, not prepared shards: prepare it "
+            f"once with `{prepare_command(path, resolution, crop_fraction)}`, then "
+            "train on that folder"
+        )
     source = ShardedArraySource(path)
     if source.resolution != resolution:
-        raise ValueError(f"data folder {path} was prepared for resolution {source.resolution}, this run trains at "
-                         f"{resolution}: prepare the images again with --resolution {resolution}")
+        raise ValueError(
+            f"data folder {path} was prepared for resolution {source.resolution}, this "
+            f"run trains at {resolution}: prepare the images again with --resolution "
+            f"{resolution}"
+        )
     if not math.isclose(source.crop_fraction, crop_fraction):
-        raise ValueError(f"data folder {path} was prepared with crop_fraction {source.crop_fraction:g}, this run "
-                         f"crops {crop_fraction:g} of each image: prepare it again with --crop-fraction "
-                         f"{crop_fraction:g} (or set crop_fraction={source.crop_fraction:g})")
+        raise ValueError(
+            f"data folder {path} was prepared with crop_fraction "
+            f"{source.crop_fraction:g}, this run crops {crop_fraction:g} of each "
+            f"image: prepare it again with --crop-fraction {crop_fraction:g} (or set "
+            f"crop_fraction={source.crop_fraction:g})"
+        )
     return source
 
 # %% ../notebooks/11a_data.ipynb #6c4a2b64
 def shuffle_seed(seed: int) -> int:
-    "The seed handed to Grain's shuffle: a hash of `seed`, so that runs with seeds s and s + 1 share no permutations."
+    """The seed handed to Grain's shuffle: a hash of `seed`, so that runs with seeds s
+    and s + 1 share no permutations."""
     return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
 
 
@@ -619,50 +905,90 @@ def _split(element):
     return element, None
 
 
-def augment(element, index: int, seed: int, resolution: int, train: bool = True, flip: bool = True):
-    """Crop (random if `train`, else centre) to `resolution`, flip (if `train` and `flip`, probability 1/2), scale.
+def augment(
+    element,
+    index: int,
+    seed: int,
+    resolution: int,
+    train: bool = True,
+    flip: bool = True,
+):
+    """Crop (random if `train`, else centre) to `resolution`, flip
+    (if `train` and `flip`, probability 1/2), scale.
 
-    element: [S, S, 3] uint8 (or float32 already in [-1, 1]), or {"image": ..., "label": ...}; index: the position q in
-    the stream, which with `seed` fixes the random draws. Returns float32 [R, R, 3] (in a dict if the element was one).
+    element: [S, S, 3] uint8 (or float32 already in [-1, 1]), or
+    {"image": ..., "label": ...}; index: the position q in the stream, which with `seed`
+    fixes the random draws. Returns float32 [R, R, 3]
+    (in a dict if the element was one).
     """
     image, label = _split(element)
     height, width = image.shape[:2]
     if height < resolution or width < resolution:
-        raise ValueError(f"image of shape {image.shape} is smaller than resolution={resolution}")
-    words = np.random.SeedSequence([seed, index]).generate_state(3) if train else None  # 3 x uint32
+        raise ValueError(
+            f"image of shape {image.shape} is smaller than resolution={resolution}"
+        )
+    # 3 x uint32
+    words = np.random.SeedSequence([seed, index]).generate_state(3) if train else None
     if train:
-        top, left = int(words[1] % (height - resolution + 1)), int(words[2] % (width - resolution + 1))
+        top, left = (
+            int(words[1] % (height - resolution + 1)),
+            int(words[2] % (width - resolution + 1)),
+        )
     else:
         top, left = (height - resolution) // 2, (width - resolution) // 2
-    image = image[top:top + resolution, left:left + resolution]  # [R, R, 3]
+    image = image[top : top + resolution, left : left + resolution]  # [R, R, 3]
     if train and flip and words[0] & 1:
         image = image[:, ::-1]  # horizontal flip
     image = to_float(image) if image.dtype == np.uint8 else np.array(image, np.float32)
     return image if label is None else {"image": image, "label": np.int32(label)}
 
 
-def make_dataset(source, batch_size: int, seed: int = 0, *, resolution: Optional[int] = None, train: bool = True,
-                 flip: bool = True, process_index: int = 0, process_count: int = 1):
-    """A Grain MapDataset whose item s is this process's part of global batch s: float32 [B/P, R, R, 3].
+def make_dataset(
+    source,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    resolution: Optional[int] = None,
+    train: bool = True,
+    flip: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """A Grain MapDataset whose item s is this process's part of global batch s: float32
+    [B/P, R, R, 3].
 
-    source: any random-access sequence of images [S, S, 3] (uint8, or float32 in [-1, 1]) or of dicts {"image",
-    "label"}: an array from `load_embedded`, an `ImageFolder`, a `ShardedArraySource`. batch_size: the global batch B,
-    divisible by process_count P. resolution: R (default: the source's `resolution` attribute, else its image side).
-    train: shuffle, random crops and flips, endless; else source order, centre crops, one pass, last batch kept.
+    source: any random-access sequence of images [S, S, 3]
+    (uint8, or float32 in [-1, 1]) or of dicts {"image", "label"}: an array from
+    `load_embedded`, an `ImageFolder`, a `ShardedArraySource`. batch_size: the global
+    batch B,
+    divisible by process_count P. resolution: R
+    (default: the source's `resolution` attribute, else its image side).
+    train: shuffle, random crops and flips, endless; else source order, centre crops,
+    one pass, last batch kept.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(process_count, int) or process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got process_index={process_index!r}, "
-                         f"process_count={process_count!r}")
+    if (
+        not isinstance(process_count, int)
+        or process_count < 1
+        or not 0 <= process_index < process_count
+    ):
+        raise ValueError(
+            "need 0 <= process_index < process_count, got "
+            f"process_index={process_index!r}, process_count={process_count!r}"
+        )
     if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by process_count={process_count}"
+        )
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
     if len(source) == 0:
         raise ValueError("the source holds no images")
     if resolution is None:
-        resolution = getattr(source, "resolution", None) or _split(source[0])[0].shape[0]
+        resolution = (
+            getattr(source, "resolution", None) or _split(source[0])[0].shape[0]
+        )
     resolution = check_resolution(resolution)
     local_batch = batch_size // process_count
     dataset = grain.MapDataset.source(source)
@@ -672,21 +998,31 @@ def make_dataset(source, batch_size: int, seed: int = 0, *, resolution: Optional
         def transform(index, element):
             return augment(element, index, seed, resolution, train=True, flip=flip)
 
-        dataset = dataset.map_with_index(transform).batch(local_batch, drop_remainder=True)
+        dataset = dataset.map_with_index(transform).batch(
+            local_batch, drop_remainder=True
+        )
         return dataset[process_index::process_count]
     dataset = dataset[process_index::process_count]
-    return dataset.map(lambda element: augment(element, 0, seed, resolution, train=False)).batch(local_batch)
+    return dataset.map(
+        lambda element: augment(element, 0, seed, resolution, train=False)
+    ).batch(local_batch)
 
 
 def batch_at(dataset, step: int):
-    "The batch of step `step` (this process's part): `dataset[step]`, the same whether or not the run was resumed."
+    """The batch of step `step` (this process's part): `dataset[step]`, the same whether
+    or not the run was resumed."""
     return dataset[step]
 
 
-def iterate_batches(dataset, start_step: int = 0, num_steps: Optional[int] = None, num_threads: int = 0):
-    "Batches of steps start_step, start_step + 1, … (num_steps of them, or to the end), read ahead by num_threads."
+def iterate_batches(
+    dataset, start_step: int = 0, num_steps: Optional[int] = None, num_threads: int = 0
+):
+    """Batches of steps start_step, start_step + 1, …
+    (num_steps of them, or to the end), read ahead by num_threads."""
     stop = len(dataset) if num_steps is None else start_step + num_steps
     if num_threads <= 0:
         return (dataset[step] for step in range(start_step, stop))
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    options = grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=2 * num_threads
+    )
     return iter(dataset[start_step:stop].to_iter_dataset(options))

@@ -27,16 +27,21 @@ LAYERS = ("conv1", "conv2", "conv3", "dense", "head")
 
 
 def check_digit_images(shape, name: str = "images") -> None:
-    "Images for the classifier: [N, 32, 32, C] with C = 1 or 3, else ValueError naming the argument and the shape."
+    """Images for the classifier: [N, 32, 32, C] with C = 1 or 3, else ValueError naming
+    the argument and the shape."""
     if len(shape) != 4 or shape[1:3] != (32, 32) or shape[3] not in (1, 3):
-        raise ValueError(f"{name} must be [N, 32, 32, C] with C in (1, 3), got shape {tuple(shape)}")
+        raise ValueError(
+            f"{name} must be [N, 32, 32, C] with C in (1, 3), got shape {tuple(shape)}"
+        )
 
 
 class DigitClassifier(nnx.Module):
-    "A small convnet on 32×32 digits: `features(x)` [N, 128] (penultimate layer, before ReLU), `__call__` logits [N, 10]."
+    """A small convnet on 32×32 digits: `features(x)` [N, 128]
+    (penultimate layer, before ReLU), `__call__` logits [N, 10]."""
 
     def __init__(self, rngs: nnx.Rngs, feature_scale: float = 1.0):
-        self.feature_scale = feature_scale  # a constant, set after training (see `calibrate_feature_scale`)
+        # a constant, set after training (see `calibrate_feature_scale`)
+        self.feature_scale = feature_scale
         self.conv1 = nnx.Conv(1, 16, (3, 3), rngs=rngs)
         self.conv2 = nnx.Conv(16, 32, (3, 3), rngs=rngs)
         self.conv3 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
@@ -48,7 +53,8 @@ class DigitClassifier(nnx.Module):
         check_digit_images(x.shape, "x")
         x = x.mean(axis=-1, keepdims=True)  # [N, 32, 32, 1], grey
         for conv in (self.conv1, self.conv2, self.conv3):
-            x = nnx.avg_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))  # [N, 16|8|4, 16|8|4, 16|32|64]
+            # [N, 16|8|4, 16|8|4, 16|32|64]
+            x = nnx.avg_pool(jax.nn.relu(conv(x)), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)  # [N, 4·4·64]
         return self.dense(x) * self.feature_scale  # [N, 128]
 
@@ -59,11 +65,15 @@ class DigitClassifier(nnx.Module):
 
 def parameter_count(model: DigitClassifier) -> int:
     "Number of trainable parameters."
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    return sum(
+        int(np.prod(leaf.shape))
+        for leaf in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+    )
 
 # %% ../notebooks/11b_digit_features.ipynb #d430e841
 def split_digits(seed: int = 0):
-    "Indices (train [4000], test [1000]) into the embedded digits: 400 / 100 of each class, drawn with `seed`, sorted."
+    """Indices (train [4000], test [1000]) into the embedded digits: 400 / 100 of each
+    class, drawn with `seed`, sorted."""
     _, labels = data.load_mnist5k()
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -77,7 +87,10 @@ def split_digits(seed: int = 0):
 @nnx.jit
 def _train_step(model, optimizer, images, labels):
     def loss_fn(model):
-        return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(
+            model(images), labels
+        ).mean()
+
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
@@ -95,14 +108,24 @@ def _features(model, images):
 
 def accuracy(model: DigitClassifier, images: np.ndarray, labels: np.ndarray) -> float:
     "Fraction of `images` [N, 32, 32, C] classified as `labels` [N]."
-    logits = np.concatenate([np.asarray(_logits(model, jnp.asarray(images[i:i + 500])))
-                             for i in range(0, len(images), 500)])
+    logits = np.concatenate(
+        [
+            np.asarray(_logits(model, jnp.asarray(images[i : i + 500])))
+            for i in range(0, len(images), 500)
+        ]
+    )
     return float((logits.argmax(-1) == labels).mean())
 
 
-def train_digit_classifier(seed: int = 0, epochs: int = 10, batch_size: int = 64, learning_rate: float = 3e-3,
-                           verbose: bool = False):
-    "Train a `DigitClassifier` on the training split (`split_digits(seed)`); returns (model, test accuracy)."
+def train_digit_classifier(
+    seed: int = 0,
+    epochs: int = 10,
+    batch_size: int = 64,
+    learning_rate: float = 3e-3,
+    verbose: bool = False,
+):
+    """Train a `DigitClassifier` on the training split (`split_digits(seed)`); returns
+    (model, test accuracy)."""
     images, labels = data.load_embedded(32, with_labels=True)
     labels = labels.astype(np.int32)
     train, test = split_digits(seed)
@@ -112,29 +135,43 @@ def train_digit_classifier(seed: int = 0, epochs: int = 10, batch_size: int = 64
     optimizer = nnx.Optimizer(model, optax.adam(schedule), wrt=nnx.Param)
     start = time.perf_counter()
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(train)  # the epoch's order, fixed by (seed, epoch)
+        # the epoch's order, fixed by (seed, epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(train)
         for step in range(steps_per_epoch):
-            batch = order[step * batch_size:(step + 1) * batch_size]
-            loss = _train_step(model, optimizer, jnp.asarray(images[batch]), jnp.asarray(labels[batch]))
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            loss = _train_step(
+                model, optimizer, jnp.asarray(images[batch]), jnp.asarray(labels[batch])
+            )
         if verbose:
-            print(f"epoch {epoch + 1}: loss {float(loss):.3f}, test accuracy "
-                  f"{accuracy(model, images[test], labels[test]):.3f}, {time.perf_counter() - start:.0f} s")
+            print(
+                f"epoch {epoch + 1}: loss {float(loss):.3f}, test accuracy "
+                f"{accuracy(model, images[test], labels[test]):.3f}, "
+                f"{time.perf_counter() - start:.0f} s"
+            )
     calibrate_feature_scale(model, images[train])
     return model, accuracy(model, images[test], labels[test])
 
 
 def calibrate_feature_scale(model: DigitClassifier, images: np.ndarray) -> float:
-    "Set `model.feature_scale` so that the features of `images` have an average variance of 1; returns the scale."
+    """Set `model.feature_scale` so that the features of `images` have an average
+    variance of 1; returns the scale."""
     model.feature_scale = 1.0
-    raw = np.concatenate([np.asarray(_features(model, jnp.asarray(images[i:i + 500])), np.float64)
-                          for i in range(0, len(images), 500)])
+    raw = np.concatenate(
+        [
+            np.asarray(_features(model, jnp.asarray(images[i : i + 500])), np.float64)
+            for i in range(0, len(images), 500)
+        ]
+    )
     model.feature_scale = float(1 / np.sqrt(raw.var(axis=0).mean()))
     return model.feature_scale
 
 # %% ../notebooks/11b_digit_features.ipynb #0008d5b0
 def save_feature_model(model: DigitClassifier, path, test_accuracy: float) -> None:
     "Write the classifier's weights (and its test accuracy) to the .npz `path`."
-    arrays = {"test_accuracy": np.float64(test_accuracy), "feature_scale": np.float64(model.feature_scale)}
+    arrays = {
+        "test_accuracy": np.float64(test_accuracy),
+        "feature_scale": np.float64(model.feature_scale),
+    }
     for name in LAYERS:
         layer = getattr(model, name)
         arrays[f"{name}/kernel"] = np.asarray(layer.kernel[...], np.float32)
@@ -143,84 +180,130 @@ def save_feature_model(model: DigitClassifier, path, test_accuracy: float) -> No
 
 
 def load_feature_model(path=None) -> DigitClassifier:
-    "The shipped digit classifier (`datasets/digit_features.npz`, or `path`); `.test_accuracy` holds its accuracy."
+    """The shipped digit classifier (`datasets/digit_features.npz`, or `path`);
+    `.test_accuracy` holds its accuracy."""
     path = Path(path) if path is not None else data.datasets_dir() / FEATURE_MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"feature model {path} is missing; run `python datasets/make_digit_features.py`")
+        raise FileNotFoundError(
+            f"feature model {path} is missing; run `python "
+            "datasets/make_digit_features.py`"
+        )
     with np.load(path, allow_pickle=False) as arrays:
-        model = DigitClassifier(nnx.Rngs(0), feature_scale=float(arrays["feature_scale"]))
+        model = DigitClassifier(
+            nnx.Rngs(0), feature_scale=float(arrays["feature_scale"])
+        )
         for name in LAYERS:
             layer = getattr(model, name)
             for leaf in ("kernel", "bias"):
                 value = arrays[f"{name}/{leaf}"]
                 variable = getattr(layer, leaf)
                 if value.shape != variable.shape:
-                    raise ValueError(f"{path}: {name}/{leaf} has shape {value.shape}, expected {variable.shape}")
+                    raise ValueError(
+                        f"{path}: {name}/{leaf} has shape {value.shape}, expected "
+                        f"{variable.shape}"
+                    )
                 variable[...] = jnp.asarray(value)
         model.test_accuracy = float(arrays["test_accuracy"])
     return model
 
 # %% ../notebooks/11b_digit_features.ipynb #2f7e8b8f
-def features(model: DigitClassifier, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    "images [N, 32, 32, C] in [-1, 1] (C = 1 or 3) -> penultimate-layer features float32 [N, 128]."
+def features(
+    model: DigitClassifier, images: np.ndarray, batch_size: int = 500
+) -> np.ndarray:
+    """images [N, 32, 32, C] in [-1, 1] (C = 1 or 3) -> penultimate-layer features
+    float32 [N, 128]."""
     check_digit_images(np.shape(images))
     images = np.asarray(images, np.float32)
     out = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size]
-        padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], np.float32)])
-        out.append(np.asarray(_features(model, jnp.asarray(padded)))[:len(batch)])
+        batch = images[start : start + batch_size]
+        padded = np.concatenate(
+            [batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], np.float32)]
+        )
+        out.append(np.asarray(_features(model, jnp.asarray(padded)))[: len(batch)])
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
 
 # %% ../notebooks/11b_digit_features.ipynb #4afe498a
 def feature_statistics(features: np.ndarray):
     "features [N, D] -> (mean [D], unbiased covariance [D, D]), float64."
     if np.ndim(features) != 2 or len(features) < 2:
-        raise ValueError(f"features must be [N, D] with N >= 2, got shape {np.shape(features)}")
+        raise ValueError(
+            f"features must be [N, D] with N >= 2, got shape {np.shape(features)}"
+        )
     features = np.asarray(features, np.float64)
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def _check_statistics(mu1, sigma1, mu2, sigma2):
     dim = np.shape(mu1)
-    if np.ndim(mu1) != 1 or np.shape(mu2) != dim or np.shape(sigma1) != dim * 2 or np.shape(sigma2) != dim * 2:
-        raise ValueError(f"need mu1, mu2 [D] and sigma1, sigma2 [D, D]; got mu1 {np.shape(mu1)}, "
-                         f"sigma1 {np.shape(sigma1)}, mu2 {np.shape(mu2)}, sigma2 {np.shape(sigma2)}")
+    if (
+        np.ndim(mu1) != 1
+        or np.shape(mu2) != dim
+        or np.shape(sigma1) != dim * 2
+        or np.shape(sigma2) != dim * 2
+    ):
+        raise ValueError(
+            f"need mu1, mu2 [D] and sigma1, sigma2 [D, D]; got mu1 {np.shape(mu1)}, "
+            f"sigma1 {np.shape(sigma1)}, mu2 {np.shape(mu2)}, sigma2 {np.shape(sigma2)}"
+        )
 
 
 def _symmetric_sqrt(matrix):
-    "Square root of a symmetric positive semi-definite matrix [D, D] (negative rounding eigenvalues -> 0)."
+    """Square root of a symmetric positive semi-definite matrix [D, D]
+    (negative rounding eigenvalues -> 0)."""
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T  # V diag(√λ) Vᵀ
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    "Squared Fréchet distance between N(mu1 [D], sigma1 [D, D]) and N(mu2, sigma2), via symmetric square roots."
+    """Squared Fréchet distance between N(mu1 [D], sigma1 [D, D]) and N(mu2, sigma2),
+    via symmetric square roots."""
     _check_statistics(mu1, sigma1, mu2, sigma2)
-    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    mu1, sigma1, mu2, sigma2 = (
+        np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2)
+    )
     root1 = _symmetric_sqrt(sigma1)
     middle = root1 @ sigma2 @ root1  # Σ₁^½ Σ₂ Σ₁^½, similar to Σ₁Σ₂
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    trace_sqrt = np.sqrt(
+        np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)
+    ).sum()
+    return float(
+        np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt
+    )
 
 
 def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2) -> float:
-    "The textbook formula with scipy.linalg.sqrtm(Σ₁Σ₂) (real part), the twin `frechet_distance` is checked against."
+    """The textbook formula with scipy.linalg.sqrtm(Σ₁Σ₂) (real part), the twin
+    `frechet_distance` is checked against."""
     _check_statistics(mu1, sigma1, mu2, sigma2)
-    covmean = scipy.linalg.sqrtm(np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64))
-    return float(np.sum((np.asarray(mu1) - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-                 - 2 * np.trace(np.real(covmean)))
+    covmean = scipy.linalg.sqrtm(
+        np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64)
+    )
+    return float(
+        np.sum((np.asarray(mu1) - mu2) ** 2)
+        + np.trace(sigma1)
+        + np.trace(sigma2)
+        - 2 * np.trace(np.real(covmean))
+    )
 
 # %% ../notebooks/11b_digit_features.ipynb #54cefd58
-def fdd_score(images_a: np.ndarray, images_b: np.ndarray, model: Optional[DigitClassifier] = None) -> float:
-    "Fréchet Digit Distance between two sets of images [N, 32, 32, C] in [-1, 1] (not FID: see chapter 11b)."
+def fdd_score(
+    images_a: np.ndarray, images_b: np.ndarray, model: Optional[DigitClassifier] = None
+) -> float:
+    """Fréchet Digit Distance between two sets of images [N, 32, 32, C] in [-1, 1]
+    (not FID: see chapter 11b)."""
     model = load_feature_model() if model is None else model
-    return frechet_distance(*feature_statistics(features(model, images_a)),
-                            *feature_statistics(features(model, images_b)))
+    return frechet_distance(
+        *feature_statistics(features(model, images_a)),
+        *feature_statistics(features(model, images_b)),
+    )
 
 
-def reference_statistics(model: Optional[DigitClassifier] = None, include_mirrors: bool = False):
-    "(mean [128], covariance [128, 128]) of the embedded digits' features (and of their mirror images if asked)."
+def reference_statistics(
+    model: Optional[DigitClassifier] = None, include_mirrors: bool = False
+):
+    """(mean [128], covariance [128, 128]) of the embedded digits' features
+    (and of their mirror images if asked)."""
     model = load_feature_model() if model is None else model
     images = data.load_embedded(32)
     if include_mirrors:
@@ -228,9 +311,15 @@ def reference_statistics(model: Optional[DigitClassifier] = None, include_mirror
     return feature_statistics(features(model, images))
 
 
-def fdd_to_reference(images: np.ndarray, model: Optional[DigitClassifier] = None,
-                     include_mirrors: bool = False) -> float:
-    "FDD between `images` [N, 32, 32, C] in [-1, 1] and the embedded digits: the offline quality figure of a run."
+def fdd_to_reference(
+    images: np.ndarray,
+    model: Optional[DigitClassifier] = None,
+    include_mirrors: bool = False,
+) -> float:
+    """FDD between `images` [N, 32, 32, C] in [-1, 1] and the embedded digits: the
+    offline quality figure of a run."""
     model = load_feature_model() if model is None else model
-    return frechet_distance(*feature_statistics(features(model, images)),
-                            *reference_statistics(model, include_mirrors))
+    return frechet_distance(
+        *feature_statistics(features(model, images)),
+        *reference_statistics(model, include_mirrors),
+    )

@@ -14,40 +14,60 @@ import numpy as np
 from flax import nnx
 
 from .generator import load_reference_params, reference_params
-from .reference.discriminator import (BLUR_TAPS, DiscriminatorConfig, blur_filter, check_conv, check_even,
-                                            check_images, check_minibatch_std, same_padding)
+from hitlib.reference.discriminator import (
+    BLUR_TAPS,
+    DiscriminatorConfig,
+    blur_filter,
+    check_conv,
+    check_even,
+    check_images,
+    check_minibatch_std,
+    same_padding,
+)
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #81843a2a
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def conv2d(x, kernel, bias=None):
-    """Stride-1 'SAME' convolution: x [B, H, W, C_in], kernel [k_h, k_w, C_in, C_out], bias [C_out] -> [B, H, W, C_out]."""
+    """Stride-1 'SAME' convolution: x [B, H, W, C_in], kernel [k_h, k_w, C_in, C_out],
+    bias [C_out] -> [B, H, W, C_out]."""
     check_conv(x.shape, kernel.shape)
     k_h, k_w = kernel.shape[:2]
-    y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), window_strides=(1, 1),
-                                     padding=(same_padding(k_h), same_padding(k_w)), dimension_numbers=_DIMENSIONS)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(1, 1),
+        padding=(same_padding(k_h), same_padding(k_w)),
+        dimension_numbers=_DIMENSIONS,
+    )
     return y if bias is None else y + bias.astype(x.dtype)
 
 
 def blur_pool(x):
-    """[1, 3, 3, 1] blur pool, stride 2, one zero pixel of padding per side: [B, H, W, C] -> [B, H/2, W/2, C].
+    """[1, 3, 3, 1] blur pool, stride 2, one zero pixel of padding per side:
+    [B, H, W, C] -> [B, H/2, W/2, C].
 
-    Separable: y[h, w] = Σ_i Σ_j f[i] f[j] x[2h + i − 1, 2w + j − 1] with f = [1, 3, 3, 1] / 8, rows first.
+    Separable: y[h, w] = Σ_i Σ_j f[i] f[j] x[2h + i − 1, 2w + j − 1] with
+    f = [1, 3, 3, 1] / 8, rows first.
     """
     check_even(x.shape)
     _, height, width, _ = x.shape
-    taps = [float(t) / sum(BLUR_TAPS) for t in BLUR_TAPS]  # f; outer(f, f) = blur_filter()
+    # f; outer(f, f) = blur_filter()
+    taps = [float(t) / sum(BLUR_TAPS) for t in BLUR_TAPS]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H+2, W+2, C]
-    rows = sum(taps[i] * padded[:, i:i + height:2] for i in range(4))  # [B, H/2, W+2, C]: row 2h+i of padded
-    return sum(taps[j] * rows[:, :, j:j + width:2] for j in range(4))  # [B, H/2, W/2, C]
+    # [B, H/2, W+2, C]: row 2h+i of padded
+    rows = sum(taps[i] * padded[:, i : i + height : 2] for i in range(4))
+    # [B, H/2, W/2, C]
+    return sum(taps[j] * rows[:, :, j : j + width : 2] for j in range(4))
 
 
 def avg_pool(x):
     "2×2 average pooling, stride 2: [B, H, W, C] -> [B, H/2, W/2, C]."
     check_even(x.shape)
     batch, height, width, channels = x.shape
-    x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)  # [B, H/2, dy, W/2, dx, C]
+    # [B, H/2, dy, W/2, dx, C]
+    x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
     return x.mean(axis=(2, 4))
 
 
@@ -71,22 +91,31 @@ def dense(x, params):
 
 
 def residual_block(x, params, downsample_kind: str = "blur"):
-    "Residual block [B, r, r, C_r] -> [B, r/2, r/2, C_{r/2}]; params {'conv1', 'conv2', 'skip'} as in chapter 9a."
-    y = leaky_relu(conv2d(x, params["conv1"]["kernel"], params["conv1"]["bias"]))  # [B, r, r, C_r]
+    """Residual block [B, r, r, C_r] -> [B, r/2, r/2, C_{r/2}]; params
+    {'conv1', 'conv2', 'skip'} as in chapter 9a."""
+    # [B, r, r, C_r]
+    y = leaky_relu(conv2d(x, params["conv1"]["kernel"], params["conv1"]["bias"]))
     y = downsample(y, downsample_kind)  # [B, r/2, r/2, C_r]
-    y = leaky_relu(conv2d(y, params["conv2"]["kernel"], params["conv2"]["bias"]))  # [B, r/2, r/2, C_next]
-    skip = conv2d(downsample(x, downsample_kind), params["skip"]["kernel"])  # [B, r/2, r/2, C_next]
+    # [B, r/2, r/2, C_next]
+    y = leaky_relu(conv2d(y, params["conv2"]["kernel"], params["conv2"]["bias"]))
+    # [B, r/2, r/2, C_next]
+    skip = conv2d(downsample(x, downsample_kind), params["skip"]["kernel"])
     return (y + skip) / math.sqrt(2.0)
 
 
 def minibatch_stddev(x, group_size: int = 4, epsilon: float = 1e-8):
-    "Append the group's mean feature standard deviation (strided groups): [B, H, W, C] -> [B, H, W, C + 1]."
+    """Append the group's mean feature standard deviation (strided groups): [B, H, W, C]
+    -> [B, H, W, C + 1]."""
     group = check_minibatch_std(x.shape, group_size)
     batch, height, width, channels = x.shape
-    y = x.reshape(group, batch // group, height, width, channels)  # [G, M, H, W, C]; image b = g·M + m
-    std = jnp.sqrt(jnp.mean((y - y.mean(axis=0)) ** 2, axis=0) + epsilon)  # [M, H, W, C]
+    # [G, M, H, W, C]; image b = g·M + m
+    y = x.reshape(group, batch // group, height, width, channels)
+    # [M, H, W, C]
+    std = jnp.sqrt(jnp.mean((y - y.mean(axis=0)) ** 2, axis=0) + epsilon)
     stat = jnp.tile(std.mean(axis=(1, 2, 3)), group)  # [B]
-    feature = jnp.broadcast_to(stat[:, None, None, None], (batch, height, width, 1)).astype(x.dtype)
+    feature = jnp.broadcast_to(
+        stat[:, None, None, None], (batch, height, width, 1)
+    ).astype(x.dtype)
     return jnp.concatenate([x, feature], axis=-1)
 
 
@@ -94,7 +123,8 @@ def discriminator_head(x, params, config: DiscriminatorConfig):
     "[B, 4, 4, C_4] -> logits [B]."
     if config.minibatch_std:
         x = minibatch_stddev(x, config.mbstd_group_size)  # [B, 4, 4, C_4 + 1]
-    x = leaky_relu(conv2d(x, params["conv"]["kernel"], params["conv"]["bias"]))  # [B, 4, 4, C_4]
+    # [B, 4, 4, C_4]
+    x = leaky_relu(conv2d(x, params["conv"]["kernel"], params["conv"]["bias"]))
     x = x.reshape(x.shape[0], -1)  # [B, 16·C_4], (h, w, c) order
     x = leaky_relu(dense(x, params["dense"]))  # [B, C_4]
     return dense(x, params["out"])[:, 0]  # [B]
@@ -105,9 +135,13 @@ def discriminator(params, images, config: DiscriminatorConfig):
     check_images(images.shape, config.resolution)
     if config.minibatch_std:
         check_minibatch_std((images.shape[0], 4, 4, 1), config.mbstd_group_size)
-    x = leaky_relu(conv2d(images, params["from_rgb"]["kernel"], params["from_rgb"]["bias"]))  # [B, R, R, C_R]
+    # [B, R, R, C_R]
+    x = leaky_relu(
+        conv2d(images, params["from_rgb"]["kernel"], params["from_rgb"]["bias"])
+    )
     for block_params in params["blocks"]:
-        x = residual_block(x, block_params, config.downsample)  # [B, r, r, C_r] -> [B, r/2, r/2, C_{r/2}]
+        # [B, r, r, C_r] -> [B, r/2, r/2, C_{r/2}]
+        x = residual_block(x, block_params, config.downsample)
     return discriminator_head(x, params["head"], config)  # [B]
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #b80a3515
@@ -118,8 +152,16 @@ def _initializer(scale: float):
 class Conv(nnx.Module):
     "A k×k convolution: kernel [k, k, C_in, C_out] and, if `use_bias`, bias [C_out]."
 
-    def __init__(self, kernel_size: int, in_features: int, out_features: int, *, scale: float = 2.0,
-                 use_bias: bool = True, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        kernel_size: int,
+        in_features: int,
+        out_features: int,
+        *,
+        scale: float = 2.0,
+        use_bias: bool = True,
+        rngs: nnx.Rngs,
+    ):
         shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = nnx.Param(_initializer(scale)(rngs.params(), shape, jnp.float32))
         self.use_bias = use_bias
@@ -136,8 +178,12 @@ class Conv(nnx.Module):
 class Dense(nnx.Module):
     "kernel [C_in, C_out], bias [C_out]."
 
-    def __init__(self, in_features: int, out_features: int, *, scale: float = 2.0, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_initializer(scale)(rngs.params(), (in_features, out_features), jnp.float32))
+    def __init__(
+        self, in_features: int, out_features: int, *, scale: float = 2.0, rngs: nnx.Rngs
+    ):
+        self.kernel = nnx.Param(
+            _initializer(scale)(rngs.params(), (in_features, out_features), jnp.float32)
+        )
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
     def as_params(self):
@@ -153,7 +199,11 @@ class ResidualBlock(nnx.Module):
         self.skip = Conv(1, width, next_width, scale=1.0, use_bias=False, rngs=rngs)
 
     def as_params(self):
-        return {"conv1": self.conv1.as_params(), "conv2": self.conv2.as_params(), "skip": self.skip.as_params()}
+        return {
+            "conv1": self.conv1.as_params(),
+            "conv2": self.conv2.as_params(),
+            "skip": self.skip.as_params(),
+        }
 
 
 class Head(nnx.Module):
@@ -165,44 +215,87 @@ class Head(nnx.Module):
         self.out = Dense(width, 1, scale=1.0, rngs=rngs)
 
     def as_params(self):
-        return {"conv": self.conv.as_params(), "dense": self.dense.as_params(), "out": self.out.as_params()}
+        return {
+            "conv": self.conv.as_params(),
+            "dense": self.dense.as_params(),
+            "out": self.out.as_params(),
+        }
 
 
 class Discriminator(nnx.Module):
-    "The ResNet discriminator of section 4.2: `Discriminator(resolution, ..., rngs=...)(images [B, R, R, 3])` -> [B]."
+    """The ResNet discriminator of section 4.2:
+    `Discriminator(resolution, ..., rngs=...)(images [B, R, R, 3])` -> [B]."""
 
-    def __init__(self, resolution: int, channel_multiplier: int = 1, downsample: str = "blur",
-                 minibatch_std: bool = False, *, max_channels: int = 512, mbstd_group_size: int = 4,
-                 rngs: nnx.Rngs):
-        self.config = config = DiscriminatorConfig(resolution, channel_multiplier, downsample, minibatch_std,
-                                                   max_channels, mbstd_group_size)
+    def __init__(
+        self,
+        resolution: int,
+        channel_multiplier: int = 1,
+        downsample: str = "blur",
+        minibatch_std: bool = False,
+        *,
+        max_channels: int = 512,
+        mbstd_group_size: int = 4,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config = DiscriminatorConfig(
+            resolution,
+            channel_multiplier,
+            downsample,
+            minibatch_std,
+            max_channels,
+            mbstd_group_size,
+        )
         widths = config.widths
         self.from_rgb = Conv(3, 3, widths[0], rngs=rngs)
-        self.blocks = nnx.List([ResidualBlock(c, c_next, rngs=rngs) for c, c_next in zip(widths[:-1], widths[1:])])
+        self.blocks = nnx.List(
+            [
+                ResidualBlock(c, c_next, rngs=rngs)
+                for c, c_next in zip(widths[:-1], widths[1:])
+            ]
+        )
         self.head = Head(widths[-1], minibatch_std, rngs=rngs)
 
     def as_params(self):
-        "The parameters as the reference tree of chapter 9a (arrays, lists for the blocks)."
-        return {"from_rgb": self.from_rgb.as_params(), "blocks": [block.as_params() for block in self.blocks],
-                "head": self.head.as_params()}
+        """The parameters as the reference tree of chapter 9a
+        (arrays, lists for the blocks)."""
+        return {
+            "from_rgb": self.from_rgb.as_params(),
+            "blocks": [block.as_params() for block in self.blocks],
+            "head": self.head.as_params(),
+        }
 
     def __call__(self, images):
         return discriminator(self.as_params(), images, self.config)
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #78447224
 def discriminator_params(model: Discriminator) -> dict:
-    "The module's parameters as a NumPy tree in chapter 9a's layout (chapter 7b's `reference_params`)."
+    """The module's parameters as a NumPy tree in chapter 9a's layout
+    (chapter 7b's `reference_params`)."""
     return reference_params(model)
 
 
 def load_discriminator_params(model: Discriminator, params: dict) -> Discriminator:
-    "Overwrite the module's parameters with a reference tree; `ValueError` naming the first mismatched leaf."
+    """Overwrite the module's parameters with a reference tree; `ValueError` naming the
+    first mismatched leaf."""
     return load_reference_params(model, params)
 
 # %% ../notebooks/09b_discriminator_jax.ipynb #094030fa
 def parameter_count(config: DiscriminatorConfig) -> int:
-    "Parameters of the `Discriminator` of `config`, counted on its abstract state (`nnx.eval_shape`: nothing allocated)."
-    model = nnx.eval_shape(lambda: Discriminator(config.resolution, config.channel_multiplier, config.downsample,
-                                                 config.minibatch_std, max_channels=config.max_channels,
-                                                 mbstd_group_size=config.mbstd_group_size, rngs=nnx.Rngs(0)))
-    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    """Parameters of the `Discriminator` of `config`, counted on its abstract state
+    (`nnx.eval_shape`: nothing allocated)."""
+    model = nnx.eval_shape(
+        lambda: Discriminator(
+            config.resolution,
+            config.channel_multiplier,
+            config.downsample,
+            config.minibatch_std,
+            max_channels=config.max_channels,
+            mbstd_group_size=config.mbstd_group_size,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    return int(
+        sum(
+            np.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))
+        )
+    )

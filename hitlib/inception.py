@@ -23,35 +23,56 @@ import numpy as np
 from flax import nnx
 
 from .reference.blocking import check_rank
-from .reference.metrics import (INCEPTION_SIZE, check_features, check_images, check_same_width, check_splits,
-                                      check_statistics, check_uint8, kid_subset_indices)
+from hitlib.reference.metrics import (
+    INCEPTION_SIZE,
+    check_features,
+    check_images,
+    check_same_width,
+    check_splits,
+    check_statistics,
+    check_uint8,
+    kid_subset_indices,
+)
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #1658e100
 PRECISION = jax.lax.Precision.HIGHEST
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #66f2c0f3
 def feature_statistics(features):
-    "features [N, D] -> (mu [D], sigma [D, D]), sigma the unbiased covariance (divides by N − 1)."
+    """features [N, D] -> (mu [D], sigma [D, D]), sigma the unbiased covariance
+    (divides by N − 1)."""
     check_features(features.shape)
     mu = features.mean(axis=0)  # [D]
     centred = features - mu  # [N, D]
-    sigma = jnp.matmul(centred.T, centred, precision=PRECISION) / (features.shape[0] - 1)  # [D, D]
+    # [D, D]
+    sigma = jnp.matmul(centred.T, centred, precision=PRECISION) / (
+        features.shape[0] - 1
+    )
     return mu, sigma
 
 
 def sqrtm_psd(matrix):
-    "Square root of a symmetric PSD matrix [D, D] via `eigh` (negative rounding eigenvalues -> 0)."
+    """Square root of a symmetric PSD matrix [D, D] via `eigh`
+    (negative rounding eigenvalues -> 0)."""
     eigenvalues, eigenvectors = jnp.linalg.eigh(matrix)
-    return jnp.matmul(eigenvectors * jnp.sqrt(jnp.clip(eigenvalues, 0.0)), eigenvectors.T, precision=PRECISION)
+    return jnp.matmul(
+        eigenvectors * jnp.sqrt(jnp.clip(eigenvalues, 0.0)),
+        eigenvectors.T,
+        precision=PRECISION,
+    )
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    "‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^{1/2}, the trace via eigh of Σ₁^{1/2} Σ₂ Σ₁^{1/2}: -> scalar."
+    """‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^{1/2}, the trace via eigh of Σ₁^{1/2} Σ₂
+    Σ₁^{1/2}: -> scalar."""
     check_statistics(mu1.shape, sigma1.shape, "first")
     check_statistics(mu2.shape, sigma2.shape, "second")
     check_same_width(mu1.shape, mu2.shape, "first statistics", "second statistics")
     root1 = sqrtm_psd(sigma1)  # [D, D]
-    middle = jnp.matmul(jnp.matmul(root1, sigma2, precision=PRECISION), root1, precision=PRECISION)  # [D, D]
+    # [D, D]
+    middle = jnp.matmul(
+        jnp.matmul(root1, sigma2, precision=PRECISION), root1, precision=PRECISION
+    )
     middle = (middle + middle.T) / 2
     trace_sqrt = jnp.sum(jnp.sqrt(jnp.clip(jnp.linalg.eigvalsh(middle), 0.0)))
     diff = mu1 - mu2
@@ -59,15 +80,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def inception_score(logits, num_splits: int = 10):
-    "logits [N, K] -> (mean, std) over `num_splits` consecutive groups of exp(E KL(p(y|x) || p(y)))."
+    """logits [N, K] -> (mean, std) over `num_splits` consecutive groups of
+    exp(E KL(p(y|x) || p(y)))."""
     check_features(logits.shape, "logits", min_samples=1)
     num_samples = logits.shape[0]
     check_splits(num_samples, num_splits)
     log_p = jax.nn.log_softmax(logits, axis=-1)  # [N, K]
     scores = []
     for s in range(num_splits):
-        part = log_p[s * num_samples // num_splits:(s + 1) * num_samples // num_splits]  # [n, K]
-        log_marginal = jax.nn.logsumexp(part, axis=0) - jnp.log(part.shape[0])  # [K], log mean_x p(y|x)
+        # [n, K]
+        part = log_p[
+            s * num_samples // num_splits : (s + 1) * num_samples // num_splits
+        ]
+        # [K], log mean_x p(y|x)
+        log_marginal = jax.nn.logsumexp(part, axis=0) - jnp.log(part.shape[0])
         kl = jnp.sum(jnp.exp(part) * (part - log_marginal), axis=1)  # [n]
         scores.append(jnp.exp(kl.mean()))
     scores = jnp.stack(scores)
@@ -85,49 +111,75 @@ def mmd2_unbiased(x, y):
     check_features(y.shape, "y")
     check_same_width(x.shape, y.shape, "x", "y")
     m, n = x.shape[0], y.shape[0]
-    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    k_xx, k_yy, k_xy = (
+        polynomial_kernel(x, x),
+        polynomial_kernel(y, y),
+        polynomial_kernel(x, y),
+    )
     within_x = (k_xx.sum() - jnp.trace(k_xx)) / (m * (m - 1))
     within_y = (k_yy.sum() - jnp.trace(k_yy)) / (n * (n - 1))
     return within_x + within_y - 2 * k_xy.mean()
 
 
-def kernel_inception_distance(features_a, features_b, num_subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0):
-    """KID: features_a [N_a, D], features_b [N_b, D] -> (mean, std) of MMD²_u over random subsets.
+def kernel_inception_distance(
+    features_a,
+    features_b,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+):
+    """KID: features_a [N_a, D], features_b [N_b, D] -> (mean, std) of MMD²_u over
+    random subsets.
 
-    The subsets are chapter 12a's `kid_subset_indices(..., seed)`, the same as the NumPy version draws; the subsets are
-    processed one after another (`lax.map`), so memory stays at one [subset_size, subset_size] kernel matrix.
+    The subsets are chapter 12a's `kid_subset_indices(..., seed)`, the same as the NumPy
+    version draws; the subsets are processed one after another (`lax.map`), so memory
+    stays at one [subset_size, subset_size] kernel matrix.
     """
     check_features(features_a.shape, "features_a")
     check_features(features_b.shape, "features_b")
     check_same_width(features_a.shape, features_b.shape, "features_a", "features_b")
-    indices_a, indices_b = kid_subset_indices(features_a.shape[0], features_b.shape[0], num_subsets, subset_size, seed)
-    values = jax.lax.map(lambda idx: mmd2_unbiased(features_a[idx[0]], features_b[idx[1]]),
-                         (jnp.asarray(indices_a), jnp.asarray(indices_b)))  # [S]
+    indices_a, indices_b = kid_subset_indices(
+        features_a.shape[0], features_b.shape[0], num_subsets, subset_size, seed
+    )
+    values = jax.lax.map(
+        lambda idx: mmd2_unbiased(features_a[idx[0]], features_b[idx[1]]),
+        (jnp.asarray(indices_a), jnp.asarray(indices_b)),
+    )  # [S]
     return values.mean(), values.std()
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #ef0ecb88
 def bilinear_resize_matrix(in_size: int, out_size: int):
-    "R [out_size, in_size] (float32): PyTorch's bilinear interpolation, align_corners=False, no antialiasing."
-    source = jnp.maximum((jnp.arange(out_size, dtype=jnp.float32) + 0.5) * (in_size / out_size) - 0.5, 0.0)  # [out]
+    """R [out_size, in_size] (float32): PyTorch's bilinear interpolation,
+    align_corners=False, no antialiasing."""
+    # [out]
+    source = jnp.maximum(
+        (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * (in_size / out_size) - 0.5,
+        0.0,
+    )
     low = jnp.minimum(jnp.floor(source).astype(jnp.int32), in_size - 1)  # [out]
     high = jnp.minimum(low + 1, in_size - 1)
     frac = source - low
-    return (jax.nn.one_hot(low, in_size) * (1 - frac)[:, None]
-            + jax.nn.one_hot(high, in_size) * frac[:, None])  # [out, in]
+    return (
+        jax.nn.one_hot(low, in_size) * (1 - frac)[:, None]
+        + jax.nn.one_hot(high, in_size) * frac[:, None]
+    )  # [out, in]
 
 
 def resize_bilinear(images, height: int, width: int):
-    "As F.interpolate(mode='bilinear', align_corners=False): [N, H, W, C] -> [N, height, width, C]."
+    """As F.interpolate(mode='bilinear', align_corners=False): [N, H, W, C] ->
+    [N, height, width, C]."""
     check_rank(images.shape, 4, "images", "[N, H, W, C]")
     rows = bilinear_resize_matrix(images.shape[1], height)  # [height, H]
     cols = bilinear_resize_matrix(images.shape[2], width)  # [width, W]
-    out = jnp.einsum("yh,nhwc->nywc", rows, images, precision=PRECISION)  # [N, height, W, C]
-    return jnp.einsum("xw,nywc->nyxc", cols, out, precision=PRECISION)  # [N, height, width, C]
+    # [N, height, W, C]
+    out = jnp.einsum("yh,nhwc->nywc", rows, images, precision=PRECISION)
+    # [N, height, width, C]
+    return jnp.einsum("xw,nywc->nyxc", cols, out, precision=PRECISION)
 
 
 def preprocess_images(images, size: int = INCEPTION_SIZE):
-    "uint8 [N, H, W, 3] -> float32 [N, size, size, 3] in [-1, 1]: x/255, bilinear resize (pytorch-fid's), 2x − 1."
+    """uint8 [N, H, W, 3] -> float32 [N, size, size, 3] in [-1, 1]: x/255, bilinear
+    resize (pytorch-fid's), 2x − 1."""
     check_images(images.shape)
     check_uint8(images.dtype)
     unit = jnp.asarray(images, jnp.float32) / 255.0
@@ -135,47 +187,69 @@ def preprocess_images(images, size: int = INCEPTION_SIZE):
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #82cf7ee0
 BN_EPSILON = 1e-3  # torchvision's BasicConv2d, as the TensorFlow graph
-NUM_CLASSES = 1008  # the 2015 graph's classifier: 1000 ImageNet classes and 8 unused ones
+# the 2015 graph's classifier: 1000 ImageNet classes and 8 unused ones
+NUM_CLASSES = 1008
 POOL_FEATURES = 2048
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def conv_bn_relu(x, params, stride: int = 1, padding=(0, 0)):
-    """BasicConv2d: x [B, H, W, C_in] -> [B, H', W', C_out]; params {"conv": {"kernel"}, "bn": {...}}.
+    """BasicConv2d: x [B, H, W, C_in] -> [B, H', W', C_out]; params
+    {"conv": {"kernel"}, "bn": {...}}.
 
-    relu((conv(x) − mean) / √(var + ε) · scale + bias), with padding (p_h, p_w) on both sides and the given stride.
+    relu((conv(x) − mean) / √(var + ε) · scale + bias), with padding (p_h, p_w) on both
+    sides and the given stride.
     """
     kernel = params["conv"]["kernel"]  # [k_h, k_w, C_in, C_out]
-    y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), window_strides=(stride, stride),
-                                     padding=((padding[0], padding[0]), (padding[1], padding[1])),
-                                     dimension_numbers=_DIMENSIONS, precision=PRECISION)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel.astype(x.dtype),
+        window_strides=(stride, stride),
+        padding=((padding[0], padding[0]), (padding[1], padding[1])),
+        dimension_numbers=_DIMENSIONS,
+        precision=PRECISION,
+    )
     bn = params["bn"]
-    y = (y - bn["mean"]) * jax.lax.rsqrt(bn["var"] + BN_EPSILON) * bn["scale"] + bn["bias"]
+    y = (y - bn["mean"]) * jax.lax.rsqrt(bn["var"] + BN_EPSILON) * bn["scale"] + bn[
+        "bias"
+    ]
     return jax.nn.relu(y)
 
 
 def max_pool(x, stride: int, padding: int = 0):
     "3×3 max pool: [B, H, W, C] -> [B, (H + 2p − 3)/s + 1, ..., C]; padding never wins."
     pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pads)
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, stride, stride, 1), pads
+    )
 
 
 def avg_pool_same(x):
-    "3×3 average pool, stride 1, padding 1, padded pixels not counted (count_include_pad=False): [B, H, W, C]."
+    """3×3 average pool, stride 1, padding 1, padded pixels not counted
+    (count_include_pad=False): [B, H, W, C]."""
     pads = ((0, 0), (1, 1), (1, 1), (0, 0))
-    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads)  # [B, H, W, C]
+    # [B, H, W, C]
+    total = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads)
     ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)  # [1, H, W, 1]
-    count = jax.lax.reduce_window(ones, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads)  # [1, H, W, 1]: 4, 6 or 9
+    # [1, H, W, 1]: 4, 6 or 9
+    count = jax.lax.reduce_window(
+        ones, 0.0, jax.lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pads
+    )
     return total / count
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #ce49fcb5
 def inception_a(x, params):
-    "Mixed_5b/5c/5d (FIDInceptionA), 35×35: [B, 35, 35, C] -> [B, 35, 35, 224 + pool_features]."
+    """Mixed_5b/5c/5d (FIDInceptionA), 35×35: [B, 35, 35, C] ->
+    [B, 35, 35, 224 + pool_features]."""
     branch1x1 = conv_bn_relu(x, params["branch1x1"])  # 64
-    branch5x5 = conv_bn_relu(conv_bn_relu(x, params["branch5x5_1"]), params["branch5x5_2"], padding=(2, 2))  # 64
+    # 64
+    branch5x5 = conv_bn_relu(
+        conv_bn_relu(x, params["branch5x5_1"]), params["branch5x5_2"], padding=(2, 2)
+    )
     branch3x3dbl = conv_bn_relu(x, params["branch3x3dbl_1"])
     branch3x3dbl = conv_bn_relu(branch3x3dbl, params["branch3x3dbl_2"], padding=(1, 1))
-    branch3x3dbl = conv_bn_relu(branch3x3dbl, params["branch3x3dbl_3"], padding=(1, 1))  # 96
+    # 96
+    branch3x3dbl = conv_bn_relu(branch3x3dbl, params["branch3x3dbl_3"], padding=(1, 1))
     branch_pool = conv_bn_relu(avg_pool_same(x), params["branch_pool"])  # pool_features
     return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1)
 
@@ -191,23 +265,32 @@ def inception_b(x, params):
 
 
 def inception_c(x, params):
-    "Mixed_6b/6c/6d/6e (FIDInceptionC), 17×17, factorised 7×7: [B, 17, 17, 768] -> [B, 17, 17, 768]."
+    """Mixed_6b/6c/6d/6e (FIDInceptionC), 17×17, factorised 7×7: [B, 17, 17, 768] ->
+    [B, 17, 17, 768]."""
     branch1x1 = conv_bn_relu(x, params["branch1x1"])  # 192
     branch7x7 = conv_bn_relu(x, params["branch7x7_1"])
     branch7x7 = conv_bn_relu(branch7x7, params["branch7x7_2"], padding=(0, 3))  # 1×7
-    branch7x7 = conv_bn_relu(branch7x7, params["branch7x7_3"], padding=(3, 0))  # 7×1 -> 192
+    # 7×1 -> 192
+    branch7x7 = conv_bn_relu(branch7x7, params["branch7x7_3"], padding=(3, 0))
     branch7x7dbl = conv_bn_relu(x, params["branch7x7dbl_1"])
-    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_2"], padding=(3, 0))  # 7×1
-    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_3"], padding=(0, 3))  # 1×7
-    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_4"], padding=(3, 0))  # 7×1
-    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_5"], padding=(0, 3))  # 1×7 -> 192
+    # 7×1
+    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_2"], padding=(3, 0))
+    # 1×7
+    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_3"], padding=(0, 3))
+    # 7×1
+    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_4"], padding=(3, 0))
+    # 1×7 -> 192
+    branch7x7dbl = conv_bn_relu(branch7x7dbl, params["branch7x7dbl_5"], padding=(0, 3))
     branch_pool = conv_bn_relu(avg_pool_same(x), params["branch_pool"])  # 192
     return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1)
 
 
 def inception_d(x, params):
     "Mixed_7a (InceptionD), 17×17 -> 8×8: [B, 17, 17, 768] -> [B, 8, 8, 1280]."
-    branch3x3 = conv_bn_relu(conv_bn_relu(x, params["branch3x3_1"]), params["branch3x3_2"], stride=2)  # 320
+    # 320
+    branch3x3 = conv_bn_relu(
+        conv_bn_relu(x, params["branch3x3_1"]), params["branch3x3_2"], stride=2
+    )
     branch7x7x3 = conv_bn_relu(x, params["branch7x7x3_1"])
     branch7x7x3 = conv_bn_relu(branch7x7x3, params["branch7x7x3_2"], padding=(0, 3))
     branch7x7x3 = conv_bn_relu(branch7x7x3, params["branch7x7x3_3"], padding=(3, 0))
@@ -217,34 +300,49 @@ def inception_d(x, params):
 
 
 def inception_e(x, params, pool: str):
-    "Mixed_7b (pool='avg', FIDInceptionE_1) / Mixed_7c (pool='max', FIDInceptionE_2): [B, 8, 8, C] -> [B, 8, 8, 2048]."
+    """Mixed_7b (pool='avg', FIDInceptionE_1) / Mixed_7c (pool='max', FIDInceptionE_2):
+    [B, 8, 8, C] -> [B, 8, 8, 2048]."""
     branch1x1 = conv_bn_relu(x, params["branch1x1"])  # 320
     branch3x3 = conv_bn_relu(x, params["branch3x3_1"])
-    branch3x3 = jnp.concatenate([conv_bn_relu(branch3x3, params["branch3x3_2a"], padding=(0, 1)),
-                                 conv_bn_relu(branch3x3, params["branch3x3_2b"], padding=(1, 0))], axis=-1)  # 768
+    branch3x3 = jnp.concatenate(
+        [
+            conv_bn_relu(branch3x3, params["branch3x3_2a"], padding=(0, 1)),
+            # 768
+            conv_bn_relu(branch3x3, params["branch3x3_2b"], padding=(1, 0)),
+        ],
+        axis=-1,
+    )
     branch3x3dbl = conv_bn_relu(x, params["branch3x3dbl_1"])
     branch3x3dbl = conv_bn_relu(branch3x3dbl, params["branch3x3dbl_2"], padding=(1, 1))
-    branch3x3dbl = jnp.concatenate([conv_bn_relu(branch3x3dbl, params["branch3x3dbl_3a"], padding=(0, 1)),
-                                    conv_bn_relu(branch3x3dbl, params["branch3x3dbl_3b"], padding=(1, 0))],
-                                   axis=-1)  # 768
+    branch3x3dbl = jnp.concatenate(
+        [
+            conv_bn_relu(branch3x3dbl, params["branch3x3dbl_3a"], padding=(0, 1)),
+            conv_bn_relu(branch3x3dbl, params["branch3x3dbl_3b"], padding=(1, 0)),
+        ],
+        axis=-1,
+    )  # 768
     pooled = avg_pool_same(x) if pool == "avg" else max_pool(x, stride=1, padding=1)
     branch_pool = conv_bn_relu(pooled, params["branch_pool"])  # 192
     return jnp.concatenate([branch1x1, branch3x3, branch3x3dbl, branch_pool], axis=-1)
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #3531cb1b
 def check_network_input(images_shape):
-    "Raise `ValueError` unless the network input is [B, H, W, 3] with H, W >= 75 (the smallest size the graph accepts)."
+    """Raise `ValueError` unless the network input is [B, H, W, 3] with H, W >= 75
+    (the smallest size the graph accepts)."""
     check_images(images_shape, "images")
     if min(images_shape[1:3]) < 75:
-        raise ValueError(f"images must be at least 75x75 for Inception-v3 (preprocess them to 299x299), "
-                         f"got shape {tuple(images_shape)}")
+        raise ValueError(
+            "images must be at least 75x75 for Inception-v3 (preprocess them to "
+            f"299x299), got shape {tuple(images_shape)}"
+        )
 
 
 def inception_v3(params, images, output_bias: bool = True):
-    """The FID Inception-v3: images [B, 299, 299, 3] in [-1, 1] -> (pool [B, 2048], logits [B, 1008]).
+    """The FID Inception-v3: images [B, 299, 299, 3] in [-1, 1] ->
+    (pool [B, 2048], logits [B, 1008]).
 
-    params: the tree of `InceptionV3` (torchvision's module names). `output_bias=False`: logits = pool @ kernel, the
-    Inception Score's convention.
+    params: the tree of `InceptionV3` (torchvision's module names). `output_bias=False`:
+    logits = pool @ kernel, the Inception Score's convention.
     """
     check_network_input(images.shape)
     x = conv_bn_relu(images, params["Conv2d_1a_3x3"], stride=2)  # [B, 149, 149, 32]
@@ -276,13 +374,16 @@ def _he_normal():
 class ConvKernel(nnx.Module):
     "kernel [k_h, k_w, C_in, C_out] (no bias: batch norm follows)."
 
-    def __init__(self, in_features: int, out_features: int, kernel_size, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, kernel_size, *, rngs: nnx.Rngs
+    ):
         shape = (*kernel_size, in_features, out_features)
         self.kernel = nnx.Param(_he_normal()(rngs.params(), shape, jnp.float32))
 
 
 class BatchNorm(nnx.Module):
-    "Inference-mode batch norm: scale, bias [C] (Param), running mean, var [C] (BatchStat)."
+    """Inference-mode batch norm: scale, bias [C] (Param), running mean, var [C]
+    (BatchStat)."""
 
     def __init__(self, features: int):
         self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
@@ -292,10 +393,17 @@ class BatchNorm(nnx.Module):
 
 
 class BasicConv(nnx.Module):
-    "torchvision's BasicConv2d: `conv` (no bias) and `bn`; stride and padding are the caller's (see `inception_a`...)."
+    """torchvision's BasicConv2d: `conv` (no bias) and `bn`; stride and padding are the
+    caller's (see `inception_a`...)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel_size=(1, 1), *, rngs: nnx.Rngs):
-        kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    def __init__(
+        self, in_features: int, out_features: int, kernel_size=(1, 1), *, rngs: nnx.Rngs
+    ):
+        kernel_size = (
+            (kernel_size, kernel_size)
+            if isinstance(kernel_size, int)
+            else tuple(kernel_size)
+        )
         self.conv = ConvKernel(in_features, out_features, kernel_size, rngs=rngs)
         self.bn = BatchNorm(out_features)
 
@@ -305,7 +413,9 @@ class Dense(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
+        self.kernel = nnx.Param(
+            init(rngs.params(), (in_features, out_features), jnp.float32)
+        )
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
 
@@ -367,7 +477,8 @@ class InceptionE(nnx.Module):
 
 
 class InceptionV3(nnx.Module):
-    "The FID Inception-v3 (pytorch-fid's `fid_inception_v3`): `model(images [B, 299, 299, 3] in [-1, 1])` -> (pool, logits)."
+    """The FID Inception-v3 (pytorch-fid's `fid_inception_v3`):
+    `model(images [B, 299, 299, 3] in [-1, 1])` -> (pool, logits)."""
 
     def __init__(self, *, rngs: nnx.Rngs):
         self.Conv2d_1a_3x3 = BasicConv(3, 32, 3, rngs=rngs)
@@ -389,7 +500,8 @@ class InceptionV3(nnx.Module):
         self.fc = Dense(POOL_FEATURES, NUM_CLASSES, rngs=rngs)
 
     def as_params(self) -> dict:
-        "The weights as the nested dict `inception_v3` takes (torchvision's names; 'conv', 'bn', 'fc' leaves)."
+        """The weights as the nested dict `inception_v3` takes
+        (torchvision's names; 'conv', 'bn', 'fc' leaves)."""
         return nnx.to_pure_dict(nnx.state(self))
 
     def __call__(self, images, output_bias: bool = True):
@@ -398,7 +510,8 @@ class InceptionV3(nnx.Module):
 
 @partial(jax.jit, static_argnames="output_bias")
 def inception_v3_uint8(params, images_uint8, output_bias: bool = True):
-    "Jitted `preprocess_images` + `inception_v3`: uint8 [B, H, W, 3] -> (pool [B, 2048], logits [B, 1008])."
+    """Jitted `preprocess_images` + `inception_v3`: uint8 [B, H, W, 3] ->
+    (pool [B, 2048], logits [B, 1008])."""
     return inception_v3(params, preprocess_images(images_uint8), output_bias)
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #5e1d2c7a
@@ -427,45 +540,64 @@ def _unflatten(flat: dict) -> dict:
 
 
 def inception_weight_shapes() -> dict:
-    "{'.npz' key: shape} of every array of `InceptionV3`, computed abstractly (nothing allocated)."
+    """{'.npz' key: shape} of every array of `InceptionV3`, computed abstractly
+    (nothing allocated)."""
     abstract = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
-    return {name: tuple(leaf.shape) for name, leaf in _flatten(nnx.to_pure_dict(nnx.state(abstract))).items()}
+    return {
+        name: tuple(leaf.shape)
+        for name, leaf in _flatten(nnx.to_pure_dict(nnx.state(abstract))).items()
+    }
 
 
 def check_weights(flat: dict, source: str):
-    "Raise `ValueError` naming the first key of `flat` that is missing, unexpected or of the wrong shape."
+    """Raise `ValueError` naming the first key of `flat` that is missing, unexpected or
+    of the wrong shape."""
     expected = inception_weight_shapes()
     missing = sorted(set(expected) - set(flat))
     if missing:
-        raise ValueError(f"{source}: missing key {missing[0]!r} ({len(missing)} missing of {len(expected)})")
+        raise ValueError(
+            f"{source}: missing key {missing[0]!r} ({len(missing)} missing of "
+            f"{len(expected)})"
+        )
     unexpected = sorted(set(flat) - set(expected))
     if unexpected:
-        raise ValueError(f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise ValueError(
+            f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)"
+        )
     for name, shape in expected.items():
         if tuple(np.shape(flat[name])) != shape:
-            raise ValueError(f"{source}: key {name!r} has shape {tuple(np.shape(flat[name]))}, expected {shape}")
+            raise ValueError(
+                f"{source}: key {name!r} has shape {tuple(np.shape(flat[name]))}, "
+                f"expected {shape}"
+            )
 
 
 def inception_from_weights(flat: dict, source: str = "weights") -> InceptionV3:
-    """A flat {'.npz' key: array} -> `InceptionV3` holding those arrays, after `check_weights`.
+    """A flat {'.npz' key: array} -> `InceptionV3` holding those arrays, after
+    `check_weights`.
 
-    The module is assembled abstractly (`nnx.eval_shape`, then `nnx.merge` with the given arrays): building
-    `InceptionV3(rngs=...)` first would draw 472 random arrays only to overwrite them, which on a CPU costs half a
-    minute (one small compilation per distinct shape).
+    The module is assembled abstractly
+    (`nnx.eval_shape`, then `nnx.merge` with the given arrays): building
+    `InceptionV3(rngs=...)` first would draw 472 random arrays only to overwrite them,
+    which on a CPU costs half a minute (one small compilation per distinct shape).
     """
     check_weights(flat, source)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}))
+    nnx.replace_by_pure_dict(
+        state, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+    )
     return nnx.merge(graphdef, state)
 
 
 def random_inception_v3(seed: int = 0) -> InceptionV3:
-    """An `InceptionV3` with seeded random weights, drawn with NumPy, for tests and demonstrations.
+    """An `InceptionV3` with seeded random weights, drawn with NumPy, for tests and
+    demonstrations.
 
-    He-normal kernels (std √(2 / fan_in)); batch norm with scale ~ U(0.8, 1.2), bias ~ N(0, 0.1²), running mean
-    ~ N(0, 0.1²), running variance ~ U(0.8, 1.2), so that every array matters; `fc` kernel ~ N(0, 1/2048), bias
-    ~ N(0, 0.1²). Its features are random features: they react to images, but measure nothing that the trained network
-    would.
+    He-normal kernels (std √(2 / fan_in)); batch norm with scale ~ U(0.8, 1.2),
+    bias ~ N(0, 0.1²), running mean ~ N(0, 0.1²), running variance ~ U(0.8, 1.2), so
+    that every array matters; `fc` kernel ~ N(0, 1/2048), bias ~ N(0, 0.1²). Its
+    features are random features: they react to images, but measure nothing that the
+    trained network would.
     """
     rng = np.random.default_rng(seed)
     flat = {}
@@ -483,11 +615,15 @@ def random_inception_v3(seed: int = 0) -> InceptionV3:
     return inception_from_weights(flat, f"random_inception_v3(seed={seed})")
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #068fe699
-def inception_features(model: InceptionV3, images_uint8, batch_size: int = 50, output_bias: bool = True):
-    """uint8 images [N, H, W, 3] -> (pool [N, 2048], logits [N, 1008]) as NumPy float32, every image kept.
+def inception_features(
+    model: InceptionV3, images_uint8, batch_size: int = 50, output_bias: bool = True
+):
+    """uint8 images [N, H, W, 3] -> (pool [N, 2048], logits [N, 1008]) as NumPy float32,
+    every image kept.
 
-    Runs in batches of `batch_size` (the last one padded, then trimmed). For the Inception Score pass
-    `output_bias=False` (the reference IS code leaves out the final bias).
+    Runs in batches of `batch_size` (the last one padded, then trimmed). For the
+    Inception Score pass `output_bias=False`
+    (the reference IS code leaves out the final bias).
     """
     check_images(np.shape(images_uint8))
     check_uint8(images_uint8.dtype)
@@ -497,10 +633,14 @@ def inception_features(model: InceptionV3, images_uint8, batch_size: int = 50, o
     params = model.as_params()
     pools, logits = [], []
     for start in range(0, num_images, batch_size):
-        batch = np.asarray(images_uint8[start:start + batch_size])  # [b, H, W, 3], b <= batch_size
+        # [b, H, W, 3], b <= batch_size
+        batch = np.asarray(images_uint8[start : start + batch_size])
         real = batch.shape[0]
-        if real < batch_size:  # pad the last batch with copies of its first image, cut off below
-            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - real, axis=0)])
+        # pad the last batch with copies of its first image, cut off below
+        if real < batch_size:
+            batch = np.concatenate(
+                [batch, np.repeat(batch[:1], batch_size - real, axis=0)]
+            )
         pool, logit = inception_v3_uint8(params, jnp.asarray(batch), output_bias)
         pools.append(np.asarray(pool[:real]))
         logits.append(np.asarray(logit[:real]))
@@ -508,26 +648,43 @@ def inception_features(model: InceptionV3, images_uint8, batch_size: int = 50, o
 
 
 def reference_statistics(features) -> dict:
-    "features [N, D] -> {'mu': [D], 'sigma': [D, D] (unbiased), 'num_samples': N}, in float64 (NumPy)."
+    """features [N, D] -> {'mu': [D], 'sigma': [D, D] (unbiased), 'num_samples': N}, in
+    float64 (NumPy)."""
     check_features(np.shape(features))
     features = np.asarray(features, np.float64)
     mu = features.mean(axis=0)
     centred = features - mu
-    return {"mu": mu, "sigma": centred.T @ centred / (features.shape[0] - 1), "num_samples": features.shape[0]}
+    return {
+        "mu": mu,
+        "sigma": centred.T @ centred / (features.shape[0] - 1),
+        "num_samples": features.shape[0],
+    }
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #81d28563
 WEIGHTS_FILE_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_ENV = "HITLIB_INCEPTION_WEIGHTS"
 DEFAULT_WEIGHTS_PATH = Path("~/.cache/hitlib/fid_inception_v3.npz")
 HOW_TO_GET_WEIGHTS = (
-    f"Get pytorch-fid's weights file {WEIGHTS_FILE_NAME} (the file pytorch_fid.inception.FID_WEIGHTS_URL points to, "
-    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth) and "
-    "convert it once, on a machine with PyTorch: `python scripts/convert_inception_weights.py "
-    f"{WEIGHTS_FILE_NAME} --output {DEFAULT_WEIGHTS_PATH}`. Then pass that path, or set {WEIGHTS_ENV} to it.")
+    f"Get pytorch-fid's weights file {WEIGHTS_FILE_NAME} (the file "
+    "pytorch_fid.inception.FID_WEIGHTS_URL points to, "
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth) and "
+    "convert it once, on a machine with PyTorch: `python "
+    "scripts/convert_inception_weights.py "
+    f"{WEIGHTS_FILE_NAME} --output {DEFAULT_WEIGHTS_PATH}`. Then pass that path, or "
+    f"set {WEIGHTS_ENV} to it."
+)
 
 
-_TORCH_LEAF = {"conv/kernel": "conv.weight", "bn/scale": "bn.weight", "bn/bias": "bn.bias",
-               "bn/mean": "bn.running_mean", "bn/var": "bn.running_var", "fc/kernel": "fc.weight", "fc/bias": "fc.bias"}
+_TORCH_LEAF = {
+    "conv/kernel": "conv.weight",
+    "bn/scale": "bn.weight",
+    "bn/bias": "bn.bias",
+    "bn/mean": "bn.running_mean",
+    "bn/var": "bn.running_var",
+    "fc/kernel": "fc.weight",
+    "fc/bias": "fc.bias",
+}
 
 
 def _torch_name(name: str) -> str:
@@ -537,28 +694,37 @@ def _torch_name(name: str) -> str:
 
 
 def torch_to_flax_weights(state_dict) -> dict:
-    """pytorch-fid's `state_dict` (name -> array-like, e.g. `{k: v.numpy()}`) -> {'.npz' key: float32 array}.
+    """pytorch-fid's `state_dict` (name -> array-like, e.g. `{k: v.numpy()}`) ->
+    {'.npz' key: float32 array}.
 
-    Conv kernels [C_out, C_in, k_h, k_w] -> [k_h, k_w, C_in, C_out]; fc.weight [1008, 2048] -> fc/kernel [2048, 1008];
-    batch norm weight/bias/running_mean/running_var -> scale/bias/mean/var. `ValueError` naming any missing, unexpected
-    or misshapen key.
+    Conv kernels [C_out, C_in, k_h, k_w] -> [k_h, k_w, C_in, C_out]; fc.weight
+    [1008, 2048] -> fc/kernel [2048, 1008]; batch norm
+    weight/bias/running_mean/running_var -> scale/bias/mean/var. `ValueError` naming any
+    missing, unexpected or misshapen key.
     """
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")}
+    state_dict = {
+        k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")
+    }
     expected = inception_weight_shapes()
     torch_names = {_torch_name(name): name for name in expected}
     missing = [t for t in torch_names if t not in state_dict]
     if missing:
-        raise ValueError(f"state_dict: missing key {missing[0]!r} ({len(missing)} missing of {len(torch_names)}); "
-                         f"is this pytorch-fid's {WEIGHTS_FILE_NAME}?")
+        raise ValueError(
+            f"state_dict: missing key {missing[0]!r} ({len(missing)} missing of "
+            f"{len(torch_names)}); is this pytorch-fid's {WEIGHTS_FILE_NAME}?"
+        )
     unexpected = sorted(set(state_dict) - set(torch_names))
     if unexpected:
-        raise ValueError(f"state_dict: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected); "
-                         f"is this pytorch-fid's {WEIGHTS_FILE_NAME}?")
+        raise ValueError(
+            f"state_dict: unexpected key {unexpected[0]!r} ({len(unexpected)} "
+            f"unexpected); is this pytorch-fid's {WEIGHTS_FILE_NAME}?"
+        )
     flat = {}
     for torch_name, name in torch_names.items():
         value = np.asarray(state_dict[torch_name], np.float32)
         if name.endswith("conv/kernel") and value.ndim == 4:
-            value = value.transpose(2, 3, 1, 0)  # [C_out, C_in, k_h, k_w] -> [k_h, k_w, C_in, C_out]
+            # [C_out, C_in, k_h, k_w] -> [k_h, k_w, C_in, C_out]
+            value = value.transpose(2, 3, 1, 0)
         elif name == "fc/kernel" and value.ndim == 2:
             value = value.T  # [1008, 2048] -> [2048, 1008]
         flat[name] = np.ascontiguousarray(value)
@@ -566,17 +732,23 @@ def torch_to_flax_weights(state_dict) -> dict:
     return flat
 
 
-def load_inception_params(model: InceptionV3, flat: dict, source: str = "weights") -> InceptionV3:
-    "Write a flat {'.npz' key: array} into the module after `check_weights`; returns the module."
+def load_inception_params(
+    model: InceptionV3, flat: dict, source: str = "weights"
+) -> InceptionV3:
+    """Write a flat {'.npz' key: array} into the module after `check_weights`; returns
+    the module."""
     check_weights(flat, source)
     state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}))
+    nnx.replace_by_pure_dict(
+        state, _unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+    )
     nnx.update(model, state)
     return model
 
 
 def save_inception_weights(path, flat: dict):
-    "Write a checked flat weights dict as an uncompressed `.npz` (plain arrays, no pickle)."
+    """Write a checked flat weights dict as an uncompressed `.npz`
+    (plain arrays, no pickle)."""
     check_weights(flat, str(path))
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -586,15 +758,20 @@ def save_inception_weights(path, flat: dict):
 
 
 def resolve_weights_path(path=None) -> Path:
-    "The weights file: `path`, else $HITLIB_INCEPTION_WEIGHTS, else ~/.cache/hitlib/fid_inception_v3.npz."
-    return Path(path or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_PATH).expanduser()
+    """The weights file: `path`, else $HITLIB_INCEPTION_WEIGHTS, else
+    ~/.cache/hitlib/fid_inception_v3.npz."""
+    return Path(
+        path or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_PATH
+    ).expanduser()
 
 
 def load_inception_weights(path=None) -> InceptionV3:
-    """An `InceptionV3` with the converted FID weights from a `.npz` (`resolve_weights_path(path)`); safe: no pickle.
+    """An `InceptionV3` with the converted FID weights from a `.npz`
+    (`resolve_weights_path(path)`); safe: no pickle.
 
-    `FileNotFoundError` saying how to get and convert the weights when there is no file; `ValueError` naming the first
-    missing, unexpected or misshapen key of a corrupt or foreign file.
+    `FileNotFoundError` saying how to get and convert the weights when there is no file;
+    `ValueError` naming the first missing, unexpected or misshapen key of a corrupt or
+    foreign file.
     """
     path = resolve_weights_path(path)
     if not path.is_file():
@@ -602,6 +779,10 @@ def load_inception_weights(path=None) -> InceptionV3:
     try:
         with np.load(path, allow_pickle=False) as archive:
             flat = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as error:  # not a zip, truncated, or an object array needing pickle
-        raise ValueError(f"{path} is not a readable .npz of plain arrays ({error}). {HOW_TO_GET_WEIGHTS}") from error
+    # not a zip, truncated, or an object array needing pickle
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(
+            f"{path} is not a readable .npz of plain arrays ({error}). "
+            f"{HOW_TO_GET_WEIGHTS}"
+        ) from error
     return inception_from_weights(flat, str(path))

@@ -11,17 +11,30 @@ import jax
 import jax.numpy as jnp
 
 from .blocking import pixel_shuffle, upsample_nearest
-from .reference.layers import (DEFAULT_EPS, NORM_KINDS, check_dense, check_eps, check_mlp_block, check_norm,
-                                     check_norm_kind, check_rank_at_least, check_rgb_skip,
-                                     check_running_update, check_stage_transition, check_to_rgb)
+from hitlib.reference.layers import (
+    DEFAULT_EPS,
+    NORM_KINDS,
+    check_dense,
+    check_eps,
+    check_mlp_block,
+    check_norm,
+    check_norm_kind,
+    check_rank_at_least,
+    check_rgb_skip,
+    check_running_update,
+    check_stage_transition,
+    check_to_rgb,
+)
 
 # %% ../notebooks/05b_high_resolution_jax.ipynb #4814cfbf
 def dense(x, params):
-    """Dense layer on the last axis, x W + b. x: [..., C_in]; params {"kernel": [C_in, C_out], "bias": [C_out]}
-    -> [..., C_out]. The leading axes are flattened around the matmul (faster on XLA:CPU)."""
+    """Dense layer on the last axis, x W + b. x: [..., C_in]; params
+    {"kernel": [C_in, C_out], "bias": [C_out]} -> [..., C_out]. The leading axes are
+    flattened around the matmul (faster on XLA:CPU)."""
     check_dense(x.shape, params)
     kernel = params["kernel"]
-    y = x.reshape(-1, x.shape[-1]) @ kernel  # [prod(...), C_in] @ [C_in, C_out] -> [prod(...), C_out]
+    # [prod(...), C_in] @ [C_in, C_out] -> [prod(...), C_out]
+    y = x.reshape(-1, x.shape[-1]) @ kernel
     return y.reshape(x.shape[:-1] + (kernel.shape[1],)) + params["bias"]  # [..., C_out]
 
 
@@ -31,19 +44,21 @@ def gelu(x):
 
 
 def gelu_tanh(x):
-    "The tanh approximation of GELU, ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715 x³), computed as x·σ(2u). Any shape."
+    """The tanh approximation of GELU, ½x(1 + tanh(u)), u = √(2/π)(x + 0.044715 x³),
+    computed as x·σ(2u). Any shape."""
     u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
     return x * jax.nn.sigmoid(2.0 * u)
 
 # %% ../notebooks/05b_high_resolution_jax.ipynb #75103bf7
 def _stats_dtype(dtype):
-    "The dtype norms compute in: float32 for bfloat16/float16 inputs, the input's own dtype otherwise."
+    """The dtype norms compute in: float32 for bfloat16/float16 inputs, the input's own
+    dtype otherwise."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
 def layer_norm(x, params, eps: float = 1e-6):
-    """Layer norm over the last axis: x [..., C]; params {scale, bias} [C] -> [..., C] in x's dtype (biased variance,
-    two-pass, computed in at least float32)."""
+    """Layer norm over the last axis: x [..., C]; params {scale, bias} [C] -> [..., C]
+    in x's dtype (biased variance, two-pass, computed in at least float32)."""
     check_eps(eps)
     check_norm(x.shape, params, "layer")
     xf = x.astype(_stats_dtype(x.dtype))
@@ -54,8 +69,8 @@ def layer_norm(x, params, eps: float = 1e-6):
 
 
 def batch_moments(x):
-    """Per-channel mean and biased variance over all axes but the last: x [B, ..., C] -> (mean [C], var [C]), in at
-    least float32."""
+    """Per-channel mean and biased variance over all axes but the last: x [B, ..., C] ->
+    (mean [C], var [C]), in at least float32."""
     check_rank_at_least(x.shape, 2, "x", "[B, ..., C]")
     x = x.astype(_stats_dtype(x.dtype))
     axes = tuple(range(x.ndim - 1))
@@ -65,11 +80,13 @@ def batch_moments(x):
 
 
 def batch_norm(x, params, eps: float = 1e-3, use_running_average: bool = False):
-    """Batch norm over all axes but the last: x [B, ..., C]; params {scale, bias, mean, var} [C] -> [B, ..., C] in x's
-    dtype (computed in at least float32).
+    """Batch norm over all axes but the last: x [B, ..., C]; params
+    {scale, bias, mean, var} [C] -> [B, ..., C] in x's dtype
+    (computed in at least float32).
 
-    Training mode normalises with `batch_moments(x)` (gradients flow through them), inference mode with params' running
-    mean and var. Updating the running averages is the Flax module's job (chapter 7).
+    Training mode normalises with `batch_moments(x)` (gradients flow through them),
+    inference mode with params' running mean and var. Updating the running averages is
+    the Flax module's job (chapter 7).
     """
     check_eps(eps)
     check_norm(x.shape, params, "batch")
@@ -83,7 +100,8 @@ def batch_norm(x, params, eps: float = 1e-3, use_running_average: bool = False):
 
 
 def normalize(x, params, kind: str, eps=None, use_running_average: bool = False):
-    "`batch_norm` or `layer_norm` by name; `eps` defaults to 1e-3 (batch, Keras) or 1e-6 (layer)."
+    """`batch_norm` or `layer_norm` by name; `eps` defaults to 1e-3 (batch, Keras) or
+    1e-6 (layer)."""
     check_norm_kind(kind)
     eps = DEFAULT_EPS[kind] if eps is None else eps
     if kind == "layer":
@@ -92,40 +110,53 @@ def normalize(x, params, kind: str, eps=None, use_running_average: bool = False)
 
 # %% ../notebooks/05b_high_resolution_jax.ipynb #c9d1e3a2
 def batch_norm_running_update(x, running, momentum: float = 0.99):
-    """The running statistics after one training-mode batch norm of x, as Keras' `BatchNormalization`.
+    """The running statistics after one training-mode batch norm of x, as Keras'
+    `BatchNormalization`.
 
-    x: [B, ..., C]; running {"mean": [C], "var": [C]} -> new {"mean", "var"} [C] (at least float32):
+    x: [B, ..., C]; running {"mean": [C], "var": [C]} -> new {"mean", "var"} [C]
+    (at least float32):
     momentum·old + (1 - momentum)·(batch mean, unbiased batch variance var·n/(n - 1)),
     n = B·... values per channel.
     Pure: the Flax module (chapter 7) writes the result into its state.
     """
     n = check_running_update(x.shape, running, momentum)
-    mean, var = batch_moments(x)  # [C] each, at least float32; var biased (divided by n)
+    # [C] each, at least float32; var biased (divided by n)
+    mean, var = batch_moments(x)
     unbiased = var * (n / (n - 1))  # [C], Bessel's correction
-    return {"mean": momentum * running["mean"] + (1 - momentum) * mean,
-            "var": momentum * running["var"] + (1 - momentum) * unbiased}
+    return {
+        "mean": momentum * running["mean"] + (1 - momentum) * mean,
+        "var": momentum * running["var"] + (1 - momentum) * unbiased,
+    }
 
 # %% ../notebooks/05b_high_resolution_jax.ipynb #eed084c6
 def mlp_block(x, params, norm: str = "batch", use_running_average: bool = False):
-    """Pre-norm residual MLP block (Algorithm 1's `MLP`): x + Dense_C(GELU(Dense_D(norm(x)))), D = 4C in HiT.
+    """Pre-norm residual MLP block (Algorithm 1's `MLP`):
+    x + Dense_C(GELU(Dense_D(norm(x)))), D = 4C in HiT.
 
-    x: [..., C] (batch norm: [B, ..., C]); params {"norm", "hidden": dense [C, D], "output": dense [D, C]} -> [..., C].
+    x: [..., C] (batch norm: [B, ..., C]); params
+    {"norm", "hidden": dense [C, D], "output": dense [D, C]} -> [..., C].
     """
     check_mlp_block(x.shape, params, norm)
-    y = normalize(x, params["norm"], norm, use_running_average=use_running_average)  # [..., C]
+    # [..., C]
+    y = normalize(x, params["norm"], norm, use_running_average=use_running_average)
     h = gelu(dense(y, params["hidden"]))  # [..., D]
     return x + dense(h, params["output"])  # [..., C]
 
 
 def to_rgb(x, params, norm: str = "batch", use_running_average: bool = False):
-    "To-RGB (Algorithm 1's `RGB`): norm, then dense C -> 3. x: [B, H, W, C]; params {norm, dense [C, 3]} -> [B, H, W, 3]."
+    """To-RGB (Algorithm 1's `RGB`): norm, then dense C -> 3. x: [B, H, W, C]; params
+    {norm, dense [C, 3]} -> [B, H, W, 3]."""
     check_to_rgb(x.shape, params, norm)
-    return dense(normalize(x, params["norm"], norm, use_running_average=use_running_average), params["dense"])
+    return dense(
+        normalize(x, params["norm"], norm, use_running_average=use_running_average),
+        params["dense"],
+    )
 
 
 def rgb_skip(image, rgb):
-    """I <- UpSampleNN_2x2(I) + RGB(X) (Algorithm 1). image: [B, H/2, W/2, 3] or None (the first high-resolution stage
-    starts the image); rgb: [B, H, W, 3] -> [B, H, W, 3]."""
+    """I <- UpSampleNN_2x2(I) + RGB(X) (Algorithm 1). image: [B, H/2, W/2, 3] or None
+    (the first high-resolution stage starts the image); rgb: [B, H, W, 3] ->
+    [B, H, W, 3]."""
     check_rgb_skip(None if image is None else image.shape, rgb.shape)
     if image is None:
         return rgb
@@ -133,8 +164,9 @@ def rgb_skip(image, rgb):
 
 
 def stage_transition(x, params):
-    """X_{l+1} <- Linear(PixelShuffle_2x2(X_l)) (Algorithm 1). x: [B, H, W, C]; params: dense [C/4, C_next], or None
-    where C/4 == C_next (no dense layer, as the release) -> [B, 2H, 2W, C_next]."""
+    """X_{l+1} <- Linear(PixelShuffle_2x2(X_l)) (Algorithm 1). x: [B, H, W, C]; params:
+    dense [C/4, C_next], or None where C/4 == C_next (no dense layer, as the release) ->
+    [B, 2H, 2W, C_next]."""
     check_stage_transition(x.shape, params)
     y = pixel_shuffle(x, 2)  # [B, 2H, 2W, C/4]
     return y if params is None else dense(y, params)  # [B, 2H, 2W, C_next]

@@ -11,8 +11,18 @@ import jax
 import jax.numpy as jnp
 
 from .reference.blocking import check_rank
-from .reference.losses import (AUGMENTATIONS, BCR_WEIGHT, DEFAULT_POLICY, R1_GAMMA, check_augment, check_logits,
-                                     check_loss_kind, cutout_size, parse_policy, translation_limit)
+from hitlib.reference.losses import (
+    AUGMENTATIONS,
+    BCR_WEIGHT,
+    DEFAULT_POLICY,
+    R1_GAMMA,
+    check_augment,
+    check_logits,
+    check_loss_kind,
+    cutout_size,
+    parse_policy,
+    translation_limit,
+)
 
 # %% ../notebooks/10b_losses_jax.ipynb #4e97c859
 def softplus(x):
@@ -23,7 +33,8 @@ def softplus(x):
 def discriminator_loss(real_logits, fake_logits, kind: str = "logistic"):
     """Equation 2 without R1, on logits [B_r] and [B_f] -> scalar.
 
-    logistic: mean softplus(-ℓ_real) + mean softplus(ℓ_fake); hinge: mean relu(1 - ℓ_real) + mean relu(1 + ℓ_fake).
+    logistic: mean softplus(-ℓ_real) + mean softplus(ℓ_fake); hinge: mean
+    relu(1 - ℓ_real) + mean relu(1 + ℓ_fake).
     """
     check_logits(real_logits.shape, "real_logits")
     check_logits(fake_logits.shape, "fake_logits")
@@ -34,7 +45,8 @@ def discriminator_loss(real_logits, fake_logits, kind: str = "logistic"):
 
 
 def generator_loss(fake_logits, kind: str = "logistic"):
-    "Equation 3 on logits [B] -> scalar: mean softplus(-ℓ_fake) (non-saturating), or -mean ℓ_fake (hinge)."
+    """Equation 3 on logits [B] -> scalar: mean softplus(-ℓ_fake) (non-saturating), or
+    -mean ℓ_fake (hinge)."""
     check_logits(fake_logits.shape, "fake_logits")
     check_loss_kind(kind)
     if kind == "logistic":
@@ -43,7 +55,8 @@ def generator_loss(fake_logits, kind: str = "logistic"):
 
 # %% ../notebooks/10b_losses_jax.ipynb #f7258954
 def r1_penalty_from_gradients(gradients, gamma: float = R1_GAMMA):
-    "gamma · mean over the batch of the summed squared input gradients: gradients [B, H, W, C] -> scalar."
+    """gamma · mean over the batch of the summed squared input gradients: gradients
+    [B, H, W, C] -> scalar."""
     check_rank(gradients.shape, 4, "gradients", "[B, H, W, C]")
     return gamma * jnp.mean(jnp.sum(jnp.square(gradients), axis=(1, 2, 3)))
 
@@ -55,29 +68,49 @@ def input_gradient(d, images):
 
 
 def r1_penalty(d, images, gamma: float = R1_GAMMA):
-    "The R1 penalty of equation 2 on real images [B, H, W, C]: gamma · mean_b ‖∇ₓ d(x)_b‖² (no 1/2)."
+    """The R1 penalty of equation 2 on real images [B, H, W, C]: gamma · mean_b ‖∇ₓ
+    d(x)_b‖² (no 1/2)."""
     return r1_penalty_from_gradients(input_gradient(d, images), gamma)
 
 # %% ../notebooks/10b_losses_jax.ipynb #d5463159
-_OPERATION_INDEX = {name: i for i, name in enumerate(AUGMENTATIONS)}  # color 0, translation 1, cutout 2, flip 3
+# color 0, translation 1, cutout 2, flip 3
+_OPERATION_INDEX = {name: i for i, name in enumerate(AUGMENTATIONS)}
 
 
-def sample_augment_params(key, batch: int, height: int, width: int, policy: str = DEFAULT_POLICY) -> dict:
-    "Draw the random numbers of `policy` from a JAX key; same keys and shapes as chapter 10a's NumPy draws."
+def sample_augment_params(
+    key, batch: int, height: int, width: int, policy: str = DEFAULT_POLICY
+) -> dict:
+    """Draw the random numbers of `policy` from a JAX key; same keys and shapes as
+    chapter 10a's NumPy draws."""
     draws = {}
     for name in parse_policy(policy):
         op_key = jax.random.fold_in(key, _OPERATION_INDEX[name])
         if name == "color":
             k_brightness, k_saturation, k_contrast = jax.random.split(op_key, 3)
-            draws["brightness"] = jax.random.uniform(k_brightness, (batch,), minval=-0.5, maxval=0.5)
-            draws["saturation"] = jax.random.uniform(k_saturation, (batch,), minval=0.0, maxval=2.0)
-            draws["contrast"] = jax.random.uniform(k_contrast, (batch,), minval=0.5, maxval=1.5)
+            draws["brightness"] = jax.random.uniform(
+                k_brightness, (batch,), minval=-0.5, maxval=0.5
+            )
+            draws["saturation"] = jax.random.uniform(
+                k_saturation, (batch,), minval=0.0, maxval=2.0
+            )
+            draws["contrast"] = jax.random.uniform(
+                k_contrast, (batch,), minval=0.5, maxval=1.5
+            )
         elif name == "translation":
             limits = jnp.array([translation_limit(height), translation_limit(width)])
-            draws["translation"] = jax.random.randint(op_key, (batch, 2), -limits, limits + 1, dtype=jnp.int32)
+            draws["translation"] = jax.random.randint(
+                op_key, (batch, 2), -limits, limits + 1, dtype=jnp.int32
+            )
         elif name == "cutout":
-            upper = jnp.array([height + 1 - cutout_size(height) % 2, width + 1 - cutout_size(width) % 2])
-            draws["cutout"] = jax.random.randint(op_key, (batch, 2), 0, upper, dtype=jnp.int32)
+            upper = jnp.array(
+                [
+                    height + 1 - cutout_size(height) % 2,
+                    width + 1 - cutout_size(width) % 2,
+                ]
+            )
+            draws["cutout"] = jax.random.randint(
+                op_key, (batch, 2), 0, upper, dtype=jnp.int32
+            )
         else:  # flip
             draws["flip"] = jax.random.bernoulli(op_key, 0.5, (batch,))
     return draws
@@ -105,22 +138,31 @@ def adjust_contrast(x, factors):
 
 
 def translate(x, shifts):
-    "y[b, h, w] = x[b, h − Δh_b, w − Δw_b], zero outside: x [B, H, W, C], shifts [B, 2] integers."
+    """y[b, h, w] = x[b, h − Δh_b, w − Δw_b], zero outside: x [B, H, W, C], shifts
+    [B, 2] integers."""
     batch, height, width, _ = x.shape
     rows = jnp.arange(height)[None, :] - shifts[:, :1]  # [B, H]
     cols = jnp.arange(width)[None, :] - shifts[:, 1:]  # [B, W]
-    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]  # [B, H, W]
-    gathered = x[jnp.arange(batch)[:, None, None], jnp.clip(rows, 0, height - 1)[:, :, None],
-                 jnp.clip(cols, 0, width - 1)[:, None, :]]  # [B, H, W, C]
+    # [B, H, W]
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & (
+        (cols >= 0) & (cols < width)
+    )[:, None, :]
+    gathered = x[
+        jnp.arange(batch)[:, None, None],
+        jnp.clip(rows, 0, height - 1)[:, :, None],
+        jnp.clip(cols, 0, width - 1)[:, None, :],
+    ]  # [B, H, W, C]
     return jnp.where(inside[..., None], gathered, jnp.zeros((), x.dtype))
 
 
 def cutout_mask(centres, height: int, width: int):
-    "1 outside, 0 inside each image's cutout square: centres [B, 2] -> bool mask [B, H, W]."
+    """1 outside, 0 inside each image's cutout square: centres [B, 2] -> bool mask
+    [B, H, W]."""
     size_h, size_w = cutout_size(height), cutout_size(width)
     top = centres[:, :1] - size_h // 2  # [B, 1]
     left = centres[:, 1:] - size_w // 2  # [B, 1]
-    rows, cols = jnp.arange(height)[None, :], jnp.arange(width)[None, :]  # [1, H], [1, W]
+    # [1, H], [1, W]
+    rows, cols = jnp.arange(height)[None, :], jnp.arange(width)[None, :]
     in_rows = (rows >= top) & (rows < top + size_h)  # [B, H]
     in_cols = (cols >= left) & (cols < left + size_w)  # [B, W]
     return ~(in_rows[:, :, None] & in_cols[:, None, :])  # [B, H, W]
@@ -137,7 +179,8 @@ def flip_horizontal(x, flips):
 
 
 def apply_augment(x, draws: dict, policy: str = DEFAULT_POLICY):
-    "Apply the operations of `policy`, in order, with the given draws (chapter 10a's keys): [B, H, W, C] -> same."
+    """Apply the operations of `policy`, in order, with the given draws
+    (chapter 10a's keys): [B, H, W, C] -> same."""
     for name in check_augment(x.shape, draws, policy):
         if name == "color":
             x = adjust_brightness(x, draws["brightness"])
@@ -156,11 +199,14 @@ def augment(x, key, policy: str = DEFAULT_POLICY):
     "DiffAugment with draws from `key`: x [B, H, W, C] -> [B, H, W, C]."
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     batch, height, width, _ = x.shape
-    return apply_augment(x, sample_augment_params(key, batch, height, width, policy), policy)
+    return apply_augment(
+        x, sample_augment_params(key, batch, height, width, policy), policy
+    )
 
 
 def random_flip(x, key):
-    "Random horizontal flips with probability 1/2 per image (the data augmentation of real images): [B, H, W, C]."
+    """Random horizontal flips with probability 1/2 per image
+    (the data augmentation of real images): [B, H, W, C]."""
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     return flip_horizontal(x, jax.random.bernoulli(key, 0.5, (x.shape[0],)))
 
@@ -169,27 +215,49 @@ def consistency_loss(logits, augmented_logits):
     "mean over the batch of (ℓ(x) − ℓ(T(x)))²: [B], [B] -> scalar."
     check_logits(logits.shape, "logits")
     if augmented_logits.shape != logits.shape:
-        raise ValueError(f"augmented_logits must have the shape of logits {tuple(logits.shape)}, "
-                         f"got {tuple(augmented_logits.shape)}")
+        raise ValueError(
+            f"augmented_logits must have the shape of logits {tuple(logits.shape)}, "
+            f"got {tuple(augmented_logits.shape)}"
+        )
     return jnp.mean(jnp.square(logits - augmented_logits))
 
 
-def bcr_loss_from_logits(real_logits, augmented_real_logits, fake_logits, augmented_fake_logits,
-                         weight: float = BCR_WEIGHT):
-    "λ · (MSE(ℓ(x), ℓ(T(x))) + MSE(ℓ(G(z)), ℓ(T(G(z))))): four [B] logit vectors -> scalar."
-    return weight * (consistency_loss(real_logits, augmented_real_logits)
-                     + consistency_loss(fake_logits, augmented_fake_logits))
+def bcr_loss_from_logits(
+    real_logits,
+    augmented_real_logits,
+    fake_logits,
+    augmented_fake_logits,
+    weight: float = BCR_WEIGHT,
+):
+    """λ · (MSE(ℓ(x), ℓ(T(x))) + MSE(ℓ(G(z)), ℓ(T(G(z))))): four [B] logit vectors ->
+    scalar."""
+    return weight * (
+        consistency_loss(real_logits, augmented_real_logits)
+        + consistency_loss(fake_logits, augmented_fake_logits)
+    )
 
 
-def bcr_loss(d, real, fake, key_real, key_fake, weight: float = BCR_WEIGHT, policy: str = DEFAULT_POLICY,
-             real_logits=None, fake_logits=None):
-    """Balanced consistency regularisation (section 4.2, [77]) with DiffAugment `policy`; no gradient through T.
+def bcr_loss(
+    d,
+    real,
+    fake,
+    key_real,
+    key_fake,
+    weight: float = BCR_WEIGHT,
+    policy: str = DEFAULT_POLICY,
+    real_logits=None,
+    fake_logits=None,
+):
+    """Balanced consistency regularisation (section 4.2, [77]) with DiffAugment
+    `policy`; no gradient through T.
 
-    d: images [B, H, W, C] -> logits [B]; real, fake: [B, H, W, C]; real_logits / fake_logits: d(real) / d(fake)
-    when already computed.
+    d: images [B, H, W, C] -> logits [B]; real, fake: [B, H, W, C];
+    real_logits / fake_logits: d(real) / d(fake) when already computed.
     """
     augmented_real = augment(jax.lax.stop_gradient(real), key_real, policy)
     augmented_fake = augment(jax.lax.stop_gradient(fake), key_fake, policy)
     real_logits = d(real) if real_logits is None else real_logits
     fake_logits = d(fake) if fake_logits is None else fake_logits
-    return bcr_loss_from_logits(real_logits, d(augmented_real), fake_logits, d(augmented_fake), weight)
+    return bcr_loss_from_logits(
+        real_logits, d(augmented_real), fake_logits, d(augmented_fake), weight
+    )

@@ -11,25 +11,53 @@ import jax.numpy as jnp
 
 from .attention import softmax
 from .reference.attention import is_multi_query
-from .reference.multi_axis import (ATTENTION_KINDS, attention_flops, attention_region, check_self_attention,
-                                         select_heads, swap_head_halves)
+from hitlib.reference.multi_axis import (
+    ATTENTION_KINDS,
+    attention_flops,
+    attention_region,
+    check_self_attention,
+    select_heads,
+    swap_head_halves,
+)
 
 # %% ../notebooks/03b_multi_axis_jax.ipynb #70a1ab17
 def _project(x, params):
-    "x [B, M, N, C] -> q [B, M, N, h, d] (times 1/sqrt(d)); k, v [B, M, N, d] (multi-query) or [B, M, N, h, d]."
+    """x [B, M, N, C] -> q [B, M, N, h, d] (times 1/sqrt(d)); k, v [B, M, N, d]
+    (multi-query) or [B, M, N, h, d]."""
     head_dim = params["query"]["kernel"].shape[-1]
-    q = jnp.einsum("bmnc,chd->bmnhd", x, params["query"]["kernel"]) + params["query"]["bias"]  # bias [h, d]
+    # bias [h, d]
+    q = (
+        jnp.einsum("bmnc,chd->bmnhd", x, params["query"]["kernel"])
+        + params["query"]["bias"]
+    )
     q = q * (1.0 / math.sqrt(head_dim))
     if is_multi_query(params):
-        k = jnp.einsum("bmnc,cd->bmnd", x, params["key"]["kernel"]) + params["key"]["bias"]  # [B, M, N, d]
-        v = jnp.einsum("bmnc,cd->bmnd", x, params["value"]["kernel"]) + params["value"]["bias"]  # [B, M, N, d]
+        # [B, M, N, d]
+        k = (
+            jnp.einsum("bmnc,cd->bmnd", x, params["key"]["kernel"])
+            + params["key"]["bias"]
+        )
+        # [B, M, N, d]
+        v = (
+            jnp.einsum("bmnc,cd->bmnd", x, params["value"]["kernel"])
+            + params["value"]["bias"]
+        )
     else:
-        k = jnp.einsum("bmnc,chd->bmnhd", x, params["key"]["kernel"]) + params["key"]["bias"]  # [B, M, N, h, d]
-        v = jnp.einsum("bmnc,chd->bmnhd", x, params["value"]["kernel"]) + params["value"]["bias"]  # [B, M, N, h, d]
+        # [B, M, N, h, d]
+        k = (
+            jnp.einsum("bmnc,chd->bmnhd", x, params["key"]["kernel"])
+            + params["key"]["bias"]
+        )
+        # [B, M, N, h, d]
+        v = (
+            jnp.einsum("bmnc,chd->bmnhd", x, params["value"]["kernel"])
+            + params["value"]["bias"]
+        )
     return q, k, v
 
 
-# (axis, multi-query?) -> einsum strings of (logits, weighted sum), as in 3a: non-attended axes first in the logits.
+# (axis, multi-query?) -> einsum strings of (logits, weighted sum), as in 3a:
+# non-attended axes first in the logits.
 _EINSUMS = {
     ("regional", True): ("bmnhd,bmkd->bmnhk", "bmnhk,bmkd->bmnhd"),
     ("regional", False): ("bmnhd,bmkhd->bmhnk", "bmhnk,bmkhd->bmnhd"),
@@ -39,91 +67,129 @@ _EINSUMS = {
 
 
 def _heads(kv, heads: slice):
-    "Keys or values of the query heads `heads`: multi-query [B, M, N, d] are shared; multi-head [B, M, N, h, d] sliced."
+    """Keys or values of the query heads `heads`: multi-query [B, M, N, d] are shared;
+    multi-head [B, M, N, h, d] sliced."""
     return kv if kv.ndim == 4 else kv[..., heads, :]
 
 
 def _scores(q, k, axis: str):
-    "Softmax weights along `axis`, in the layout after '->' in `_EINSUMS[axis, multi_query][0]` (last axis: keys)."
+    """Softmax weights along `axis`, in the layout after '->' in
+    `_EINSUMS[axis, multi_query][0]` (last axis: keys)."""
     return softmax(jnp.einsum(_EINSUMS[axis, k.ndim == 4][0], q, k), axis=-1)
 
 
 def _along(q, k, v, axis: str):
-    "Attention of the query heads q [B, M, N, h', d] along `axis` ('regional': N, 'dilated': M) -> [B, M, N, h', d]."
+    """Attention of the query heads q [B, M, N, h', d] along `axis`
+    ('regional': N, 'dilated': M) -> [B, M, N, h', d]."""
     return jnp.einsum(_EINSUMS[axis, v.ndim == 4][1], _scores(q, k, axis), v)
 
 
 def _output(o, params):
     "Output projection: o [B, M, N, h, d] -> [B, M, N, C]."
-    return jnp.einsum("bmnhd,hdc->bmnc", o, params["out"]["kernel"]) + params["out"]["bias"]
+    return (
+        jnp.einsum("bmnhd,hdc->bmnc", o, params["out"]["kernel"])
+        + params["out"]["bias"]
+    )
 
 
 def regional_attention(x, params):
-    "Blocked local attention (Table 5): all heads within each block, along N. x [B, M, N, C] -> [B, M, N, C]."
+    """Blocked local attention (Table 5): all heads within each block, along N. x
+    [B, M, N, C] -> [B, M, N, C]."""
     check_self_attention(x.shape, params)
     q, k, v = _project(x, params)
     return _output(_along(q, k, v, "regional"), params)
 
 
 def dilated_attention(x, params):
-    "Dilated attention: all heads across blocks, along M, at the same in-block position. x [B, M, N, C] -> [B, M, N, C]."
+    """Dilated attention: all heads across blocks, along M, at the same in-block
+    position. x [B, M, N, C] -> [B, M, N, C]."""
     check_self_attention(x.shape, params)
     q, k, v = _project(x, params)
     return _output(_along(q, k, v, "dilated"), params)
 
 
 def _multi_axis(x, params):
-    "Multi-axis attention without the checks: first half of the heads along N, second half along M."
+    """Multi-axis attention without the checks: first half of the heads along N, second
+    half along M."""
     q, k, v = _project(x, params)  # q [B, M, N, h, d]
     half = q.shape[3] // 2
     first, second = slice(0, half), slice(half, None)
-    o_regional = _along(q[..., first, :], _heads(k, first), _heads(v, first), "regional")  # [B, M, N, h/2, d]
-    o_dilated = _along(q[..., second, :], _heads(k, second), _heads(v, second), "dilated")  # [B, M, N, h/2, d]
-    return _output(jnp.concatenate([o_regional, o_dilated], axis=3), params)  # heads concatenated: [B, M, N, h, d]
+    # [B, M, N, h/2, d]
+    o_regional = _along(
+        q[..., first, :], _heads(k, first), _heads(v, first), "regional"
+    )
+    # [B, M, N, h/2, d]
+    o_dilated = _along(
+        q[..., second, :], _heads(k, second), _heads(v, second), "dilated"
+    )
+    # heads concatenated: [B, M, N, h, d]
+    return _output(jnp.concatenate([o_regional, o_dilated], axis=3), params)
 
 
 def multi_axis_attention(x, params):
-    """Multi-axis blocked self-attention (section 3.2, Algorithm 2), release head order: x [B, M, N, C] -> [B, M, N, C].
+    """Multi-axis blocked self-attention (section 3.2, Algorithm 2), release head order:
+    x [B, M, N, C] -> [B, M, N, C].
 
-    First h/2 heads regional (within blocks, along N), last h/2 dilated (across blocks, along M); MQA or MHA params.
+    First h/2 heads regional (within blocks, along N), last h/2 dilated
+    (across blocks, along M); MQA or MHA params.
     """
     check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
     return _multi_axis(x, params)
 
 
 def axial_attention(x, params):
-    "Axial attention (Table 5), multi-axis attention without blocking: x [B, H, W, C]; first h/2 heads along W, rest along H."
-    check_self_attention(x.shape, params, layout="[B, H, W, C]", even_heads_for="axial attention")
-    return _multi_axis(x, params)  # rows play the blocks (M = H), columns the in-block positions (N = W)
+    """Axial attention (Table 5), multi-axis attention without blocking: x [B, H, W, C];
+    first h/2 heads along W, rest along H."""
+    check_self_attention(
+        x.shape, params, layout="[B, H, W, C]", even_heads_for="axial attention"
+    )
+    # rows play the blocks (M = H), columns the in-block positions (N = W)
+    return _multi_axis(x, params)
 
 
 def full_attention(x, params):
-    "All-to-all self-attention (Table 5) over the H*W tokens: x [B, H, W, C] -> [B, H, W, C]."
+    """All-to-all self-attention (Table 5) over the H*W tokens: x [B, H, W, C] ->
+    [B, H, W, C]."""
     check_self_attention(x.shape, params, layout="[B, H, W, C]")
     batch, height, width, channels = x.shape
-    tokens = x.reshape(batch, 1, height * width, channels)  # [B, 1, H*W, C]: one block holding every token
+    # [B, 1, H*W, C]: one block holding every token
+    tokens = x.reshape(batch, 1, height * width, channels)
     return regional_attention(tokens, params).reshape(batch, height, width, channels)
 
 
 def multi_axis_attention_weights(x, params):
-    "x [B, M, N, C] -> (regional weights [B, h/2, M, N, N], dilated weights [B, h/2, N, M, M])."
+    """x [B, M, N, C] ->
+    (regional weights [B, h/2, M, N, N], dilated weights [B, h/2, N, M, M])."""
     check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
     q, k, _ = _project(x, params)  # q [B, M, N, h, d]
     half = q.shape[3] // 2
     weights = []
-    for axis, heads, layout in (("regional", slice(0, half), "bhmnk"), ("dilated", slice(half, None), "bhnmk")):
+    for axis, heads, layout in (
+        ("regional", slice(0, half), "bhmnk"),
+        ("dilated", slice(half, None), "bhnmk"),
+    ):
         scores = _scores(q[..., heads, :], _heads(k, heads), axis)
-        computed = _EINSUMS[axis, k.ndim == 4][0].split("->")[1]  # the layout the logits were computed in
-        weights.append(jnp.einsum(f"{computed}->{layout}", scores))  # a transpose, named by its layouts
+        # the layout the logits were computed in
+        computed = _EINSUMS[axis, k.ndim == 4][0].split("->")[1]
+        # a transpose, named by its layouts
+        weights.append(jnp.einsum(f"{computed}->{layout}", scores))
     return tuple(weights)
 
 
 def multi_axis_attention_matrix(x, params):
-    "Dense attention matrix x [B, M, N, C] -> [B, h, T, T], T = M*N, token t = m*N + n; 0 outside each head's region."
-    regional, dilated = multi_axis_attention_weights(x, params)  # [B, h/2, M, N, N], [B, h/2, N, M, M]
+    """Dense attention matrix x [B, M, N, C] -> [B, h, T, T], T = M*N, token
+    t = m*N + n; 0 outside each head's region."""
+    # [B, h/2, M, N, N], [B, h/2, N, M, M]
+    regional, dilated = multi_axis_attention_weights(x, params)
     batch, num_blocks, block_len, _ = x.shape
-    same_block = jnp.einsum("bhmnk,ml->bhmnlk", regional, jnp.eye(num_blocks, dtype=regional.dtype))  # key (m, k)
-    same_position = jnp.einsum("bhnmk,nl->bhmnkl", dilated, jnp.eye(block_len, dtype=dilated.dtype))  # key (k, n)
+    # key (m, k)
+    same_block = jnp.einsum(
+        "bhmnk,ml->bhmnlk", regional, jnp.eye(num_blocks, dtype=regional.dtype)
+    )
+    # key (k, n)
+    same_position = jnp.einsum(
+        "bhnmk,nl->bhmnkl", dilated, jnp.eye(block_len, dtype=dilated.dtype)
+    )
     matrix = jnp.concatenate([same_block, same_position], axis=1)  # [B, h, M, N, M, N]
     tokens = num_blocks * block_len
     return matrix.reshape(batch, matrix.shape[1], tokens, tokens)  # [B, h, T, T]

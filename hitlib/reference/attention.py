@@ -15,16 +15,19 @@ import numpy as np
 def softmax(logits, axis: int = -1):
     """Numerically stable softmax along `axis`: exp(l - max l) / sum exp(l - max l).
 
-    logits: [..., N] (any shape; `axis` selects the normalised axis) -> the same shape, positive, summing to 1 along `axis`.
+    logits: [..., N] (any shape; `axis` selects the normalised axis) -> the same shape,
+    positive, summing to 1 along `axis`.
     """
     logits = np.asarray(logits)
-    shifted = logits - np.max(logits, axis=axis, keepdims=True)  # largest entry of each row is now 0
+    # largest entry of each row is now 0
+    shifted = logits - np.max(logits, axis=axis, keepdims=True)
     e = np.exp(shifted)
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
 def softmax_loops(logits):
-    "Softmax along the last axis, one row and one element at a time with `math.exp` (the naive-loop twin)."
+    """Softmax along the last axis, one row and one element at a time with `math.exp`
+    (the naive-loop twin)."""
     logits = np.asarray(logits, np.float64)
     out = np.zeros(logits.shape)
     for index in np.ndindex(logits.shape[:-1]):
@@ -38,44 +41,62 @@ def softmax_loops(logits):
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #c9b6326e
 def _broadcast_leading(name_a, shape_a, name_b, shape_b):
-    "The broadcast of the leading dims (all but the last two) of two shapes, or a `ValueError` naming both."
+    """The broadcast of the leading dims (all but the last two) of two shapes, or a
+    `ValueError` naming both."""
     try:
         return np.broadcast_shapes(tuple(shape_a[:-2]), tuple(shape_b[:-2]))
     except ValueError:
-        raise ValueError(f"leading dims of {name_a} {tuple(shape_a[:-2])} and {name_b} {tuple(shape_b[:-2])} "
-                         f"do not broadcast ({name_a} shape {tuple(shape_a)}, {name_b} shape {tuple(shape_b)})") from None
+        raise ValueError(
+            f"leading dims of {name_a} {tuple(shape_a[:-2])} and {name_b} "
+            f"{tuple(shape_b[:-2])} do not broadcast ({name_a} shape {tuple(shape_a)}, "
+            f"{name_b} shape {tuple(shape_b)})"
+        ) from None
 
 
 def check_dot_product_shapes(q_shape, k_shape, v_shape):
-    "Raise `ValueError` unless q [..., Nq, d], k [..., Nk, d], v [..., Nk, dv] fit together; leading dims broadcast."
+    """Raise `ValueError` unless q [..., Nq, d], k [..., Nk, d], v [..., Nk, dv] fit
+    together; leading dims broadcast."""
     for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
         if len(shape) < 2:
-            raise ValueError(f"{name} must have rank >= 2 [..., N, d], got shape {tuple(shape)}")
+            raise ValueError(
+                f"{name} must have rank >= 2 [..., N, d], got shape {tuple(shape)}"
+            )
     if q_shape[-1] != k_shape[-1]:
-        raise ValueError(f"q and k must have the same width d, got q shape {tuple(q_shape)} and k shape {tuple(k_shape)}")
+        raise ValueError(
+            f"q and k must have the same width d, got q shape {tuple(q_shape)} and k "
+            f"shape {tuple(k_shape)}"
+        )
     if k_shape[-2] != v_shape[-2]:
-        raise ValueError(f"k and v must have the same number of tokens Nk, got k shape {tuple(k_shape)} "
-                         f"and v shape {tuple(v_shape)}")
+        raise ValueError(
+            "k and v must have the same number of tokens Nk, got k shape "
+            f"{tuple(k_shape)} and v shape {tuple(v_shape)}"
+        )
     if k_shape[-2] < 1:
-        raise ValueError(f"k must have at least one token, got k shape {tuple(k_shape)}")
+        raise ValueError(
+            f"k must have at least one token, got k shape {tuple(k_shape)}"
+        )
     _broadcast_leading("q", q_shape, "k", k_shape)
     _broadcast_leading("k", k_shape, "v", v_shape)
 
 
 def dot_product_attention(q, k, v):
-    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v (Vaswani et al. 2017, eq. 1).
+    """Scaled dot-product attention, softmax(q k^T / sqrt(d)) v
+    (Vaswani et al. 2017, eq. 1).
 
-    q: [..., Nq, d], k: [..., Nk, d], v: [..., Nk, dv] (leading dims broadcast) -> [..., Nq, dv].
+    q: [..., Nq, d], k: [..., Nk, d], v: [..., Nk, dv] (leading dims broadcast) ->
+    [..., Nq, dv].
     """
     check_dot_product_shapes(q.shape, k.shape, v.shape)
-    q = q * (1.0 / math.sqrt(q.shape[-1]))  # scale the queries (Nq·d products), not the logits (Nq·Nk)
+    # scale the queries (Nq·d products), not the logits (Nq·Nk)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
     logits = np.einsum("...qd,...kd->...qk", q, k)  # [..., Nq, Nk]
     weights = softmax(logits, axis=-1)  # [..., Nq, Nk], each row sums to 1
     return np.einsum("...qk,...kv->...qv", weights, v)  # [..., Nq, dv]
 
 
 def dot_product_attention_loops(q, k, v):
-    "Naive `dot_product_attention`: loops over leading dims, queries and keys; python floats and `math.exp`."
+    """Naive `dot_product_attention`: loops over leading dims, queries and keys; python
+    floats and `math.exp`."""
     lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q = np.broadcast_to(q, lead + q.shape[-2:]).astype(np.float64)
     k = np.broadcast_to(k, lead + k.shape[-2:]).astype(np.float64)
@@ -85,13 +106,18 @@ def dot_product_attention_loops(q, k, v):
     out = np.zeros(lead + (num_queries, dv))
     for index in np.ndindex(lead):
         for i in range(num_queries):
-            logits = [sum(float(q[index][i, j]) * float(k[index][m, j]) for j in range(d)) / math.sqrt(d)
-                      for m in range(num_keys)]
+            logits = [
+                sum(float(q[index][i, j]) * float(k[index][m, j]) for j in range(d))
+                / math.sqrt(d)
+                for m in range(num_keys)
+            ]
             largest = max(logits)
             exps = [math.exp(value - largest) for value in logits]
             total = sum(exps)
             for c in range(dv):
-                out[index + (i, c)] = sum(exps[m] / total * float(v[index][m, c]) for m in range(num_keys))
+                out[index + (i, c)] = sum(
+                    exps[m] / total * float(v[index][m, c]) for m in range(num_keys)
+                )
     return out
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #4446343d
@@ -104,41 +130,65 @@ def _leaf_shape(leaf):
 
 
 def is_multi_query(params) -> bool:
-    "True for multi-query parameters (key kernel [C_kv, d]), False for multi-head ones (key kernel [C_kv, h, d])."
+    """True for multi-query parameters (key kernel [C_kv, d]), False for multi-head ones
+    (key kernel [C_kv, h, d])."""
     return len(_leaf_shape(params["key"]["kernel"])) == 2
 
 
 def check_attention_params(x_shape, y_shape, params, multi_query=None):
-    """Raise `ValueError` unless queries `x` [..., Nq, C], keys/values `y` [..., Nk, C_kv] and `params` fit together.
+    """Raise `ValueError` unless queries `x` [..., Nq, C], keys/values `y`
+    [..., Nk, C_kv] and `params` fit together.
 
-    `params` holds arrays or shape tuples in the layout of CONVENTIONS.md. `multi_query=True` (False) demands multi-query
-    (multi-head) parameters; None accepts either. Returns `(num_heads, head_dim)`. Checks shapes only, so the JAX module
+    `params` holds arrays or shape tuples in the layout of CONVENTIONS.md.
+    `multi_query=True` (False) demands multi-query (multi-head) parameters; None accepts
+    either. Returns `(num_heads, head_dim)`. Checks shapes only, so the JAX module
     reuses it and both raise the same message, before any computation.
     """
     for name in _PROJECTIONS:
-        if not isinstance(params, dict) or name not in params or not isinstance(params[name], dict):
-            raise ValueError(f"params must have a dict params[{name!r}] with 'kernel' and 'bias'")
+        if (
+            not isinstance(params, dict)
+            or name not in params
+            or not isinstance(params[name], dict)
+        ):
+            raise ValueError(
+                f"params must have a dict params[{name!r}] with 'kernel' and 'bias'"
+            )
         for leaf in ("kernel", "bias"):
             if leaf not in params[name]:
                 raise ValueError(f"params[{name!r}] has no {leaf!r}")
-    shapes = {name: {leaf: _leaf_shape(params[name][leaf]) for leaf in ("kernel", "bias")} for name in _PROJECTIONS}
+    shapes = {
+        name: {leaf: _leaf_shape(params[name][leaf]) for leaf in ("kernel", "bias")}
+        for name in _PROJECTIONS
+    }
     query_kernel, key_kernel = shapes["query"]["kernel"], shapes["key"]["kernel"]
     if len(query_kernel) != 3:
-        raise ValueError(f"params['query']['kernel'] must have shape [C, h, d], got {query_kernel}")
+        raise ValueError(
+            f"params['query']['kernel'] must have shape [C, h, d], got {query_kernel}"
+        )
     width, num_heads, head_dim = query_kernel
     if len(key_kernel) not in (2, 3):
-        raise ValueError(f"params['key']['kernel'] must have shape [C_kv, d] (multi-query) or [C_kv, h, d] "
-                         f"(multi-head), got {key_kernel}")
+        raise ValueError(
+            "params['key']['kernel'] must have shape [C_kv, d] (multi-query) or "
+            f"[C_kv, h, d] (multi-head), got {key_kernel}"
+        )
     if multi_query is True and len(key_kernel) == 3:
-        raise ValueError(f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, h, d]: these are multi-head "
-                         f"parameters, use multi_head_attention")
+        raise ValueError(
+            f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, h, d]: these "
+            "are multi-head parameters, use multi_head_attention"
+        )
     if multi_query is False and len(key_kernel) == 2:
-        raise ValueError(f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, d]: these are multi-query "
-                         f"parameters, use multi_query_attention")
+        raise ValueError(
+            f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, d]: these "
+            "are multi-query parameters, use multi_query_attention"
+        )
     kv_width = key_kernel[0]
-    kv_heads = (head_dim,) if len(key_kernel) == 2 else (num_heads, head_dim)  # (d,) or (h, d)
+    # (d,) or (h, d)
+    kv_heads = (head_dim,) if len(key_kernel) == 2 else (num_heads, head_dim)
     expected = {
-        "query": {"kernel": (width, num_heads, head_dim), "bias": (num_heads, head_dim)},
+        "query": {
+            "kernel": (width, num_heads, head_dim),
+            "bias": (num_heads, head_dim),
+        },
         "key": {"kernel": (kv_width,) + kv_heads, "bias": kv_heads},
         "value": {"kernel": (kv_width,) + kv_heads, "bias": kv_heads},
         "out": {"kernel": (num_heads, head_dim, width), "bias": (width,)},
@@ -147,37 +197,67 @@ def check_attention_params(x_shape, y_shape, params, multi_query=None):
         for leaf in ("kernel", "bias"):
             if shapes[name][leaf] != expected[name][leaf]:
                 raise ValueError(
-                    f"params[{name!r}][{leaf!r}] has shape {shapes[name][leaf]}, expected {expected[name][leaf]} "
-                    f"(width C={width}, num_heads h={num_heads}, head_dim d={head_dim}, kv width C_kv={kv_width})")
-    for name, shape, what, want in (("x", x_shape, "the query kernel's input width C", width),
-                                    ("y", y_shape, "the key kernel's input width C_kv", kv_width)):
+                    f"params[{name!r}][{leaf!r}] has shape {shapes[name][leaf]}, "
+                    f"expected {expected[name][leaf]} (width C={width}, num_heads "
+                    f"h={num_heads}, head_dim d={head_dim}, kv width C_kv={kv_width})"
+                )
+    for name, shape, what, want in (
+        ("x", x_shape, "the query kernel's input width C", width),
+        ("y", y_shape, "the key kernel's input width C_kv", kv_width),
+    ):
         if len(shape) < 2:
-            raise ValueError(f"{name} must have rank >= 2 [..., N, C], got shape {tuple(shape)}")
+            raise ValueError(
+                f"{name} must have rank >= 2 [..., N, C], got shape {tuple(shape)}"
+            )
         if shape[-1] != want:
-            raise ValueError(f"{name} has width {shape[-1]} (shape {tuple(shape)}) but {what} is {want}")
+            raise ValueError(
+                f"{name} has width {shape[-1]} (shape {tuple(shape)}) but {what} is "
+                f"{want}"
+            )
     if tuple(x_shape[:-2]) != tuple(y_shape[:-2]):
-        raise ValueError(f"leading dims of x {tuple(x_shape[:-2])} and y {tuple(y_shape[:-2])} must match "
-                         f"(x shape {tuple(x_shape)}, y shape {tuple(y_shape)})")
+        raise ValueError(
+            f"leading dims of x {tuple(x_shape[:-2])} and y {tuple(y_shape[:-2])} must "
+            f"match (x shape {tuple(x_shape)}, y shape {tuple(y_shape)})"
+        )
     if y_shape[-2] < 1:
-        raise ValueError(f"y must have at least one token to attend to, got shape {tuple(y_shape)}")
+        raise ValueError(
+            f"y must have at least one token to attend to, got shape {tuple(y_shape)}"
+        )
     return num_heads, head_dim
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #56ef6ad7
 def _project(x, y, params):
-    "Queries [..., h, Nq, d]; keys and values [..., Nk, d] (multi-query) or [..., h, Nk, d] (multi-head)."
+    """Queries [..., h, Nq, d]; keys and values [..., Nk, d] (multi-query) or
+    [..., h, Nk, d] (multi-head)."""
     q = np.einsum("...nc,chd->...hnd", x, params["query"]["kernel"])  # [..., h, Nq, d]
     q = q + params["query"]["bias"][:, None, :]  # bias [h, d] -> [h, 1, d]
     if is_multi_query(params):
-        k = np.einsum("...mc,cd->...md", y, params["key"]["kernel"]) + params["key"]["bias"]  # [..., Nk, d]
-        v = np.einsum("...mc,cd->...md", y, params["value"]["kernel"]) + params["value"]["bias"]  # [..., Nk, d]
+        # [..., Nk, d]
+        k = (
+            np.einsum("...mc,cd->...md", y, params["key"]["kernel"])
+            + params["key"]["bias"]
+        )
+        # [..., Nk, d]
+        v = (
+            np.einsum("...mc,cd->...md", y, params["value"]["kernel"])
+            + params["value"]["bias"]
+        )
     else:
-        k = np.einsum("...mc,chd->...hmd", y, params["key"]["kernel"]) + params["key"]["bias"][:, None, :]  # [..., h, Nk, d]
-        v = np.einsum("...mc,chd->...hmd", y, params["value"]["kernel"]) + params["value"]["bias"][:, None, :]
+        # [..., h, Nk, d]
+        k = (
+            np.einsum("...mc,chd->...hmd", y, params["key"]["kernel"])
+            + params["key"]["bias"][:, None, :]
+        )
+        v = (
+            np.einsum("...mc,chd->...hmd", y, params["value"]["kernel"])
+            + params["value"]["bias"][:, None, :]
+        )
     return q, k, v
 
 
 def _scores(q, k):
-    "Softmax of the scaled logits: q [..., h, Nq, d], k [..., Nk, d] or [..., h, Nk, d] -> [..., h, Nq, Nk]."
+    """Softmax of the scaled logits: q [..., h, Nq, d], k [..., Nk, d] or
+    [..., h, Nk, d] -> [..., h, Nq, Nk]."""
     scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float keeps float32 inputs float32
     if k.ndim == q.ndim - 1:  # multi-query: one key head shared by all query heads
         logits = np.einsum("...hnd,...md->...hnm", q * scale, k)
@@ -192,13 +272,19 @@ def _attend(scores, v, params):
         o = np.einsum("...hnm,...md->...hnd", scores, v)  # [..., h, Nq, d]
     else:  # multi-head values [..., h, Nk, d]
         o = np.einsum("...hnm,...hmd->...hnd", scores, v)
-    return np.einsum("...hnd,hdc->...nc", o, params["out"]["kernel"]) + params["out"]["bias"]  # [..., Nq, C]
+    # [..., Nq, C]
+    return (
+        np.einsum("...hnd,hdc->...nc", o, params["out"]["kernel"])
+        + params["out"]["bias"]
+    )
 
 
 def attention_weights(x, y, params):
-    """Attention scores softmax(Q_h K_h^T / sqrt(d)) of multi-query or multi-head attention (by the key kernel's rank).
+    """Attention scores softmax(Q_h K_h^T / sqrt(d)) of multi-query or multi-head
+    attention (by the key kernel's rank).
 
-    x: [..., Nq, C] queries, y: [..., Nk, C_kv] keys/values -> [..., h, Nq, Nk]; each row sums to 1.
+    x: [..., Nq, C] queries, y: [..., Nk, C_kv] keys/values -> [..., h, Nq, Nk]; each
+    row sums to 1.
     """
     check_attention_params(x.shape, y.shape, params)
     q, k, _ = _project(x, y, params)
@@ -206,10 +292,13 @@ def attention_weights(x, y, params):
 
 
 def multi_query_attention(x, y, params):
-    """Multi-query attention (Algorithm 2's projections; Shazeer 2019): h query heads, one shared key and value head.
+    """Multi-query attention (Algorithm 2's projections; Shazeer 2019): h query heads,
+    one shared key and value head.
 
-    x: [..., Nq, C] queries, y: [..., Nk, C_kv] keys/values (leading dims equal) -> [..., Nq, C].
-    params: query {kernel [C, h, d], bias [h, d]}, key/value {kernel [C_kv, d], bias [d]}, out {kernel [h, d, C], bias [C]}.
+    x: [..., Nq, C] queries, y: [..., Nk, C_kv] keys/values (leading dims equal) ->
+    [..., Nq, C].
+    params: query {kernel [C, h, d], bias [h, d]}, key/value
+    {kernel [C_kv, d], bias [d]}, out {kernel [h, d, C], bias [C]}.
     """
     check_attention_params(x.shape, y.shape, params, multi_query=True)
     q, k, v = _project(x, y, params)  # [..., h, Nq, d], [..., Nk, d], [..., Nk, d]
@@ -217,18 +306,21 @@ def multi_query_attention(x, y, params):
 
 
 def multi_head_attention(x, y, params):
-    """Multi-head attention (Vaswani et al. 2017; Table 8's MHA): h heads of queries, keys and values.
+    """Multi-head attention (Vaswani et al. 2017; Table 8's MHA): h heads of queries,
+    keys and values.
 
-    x: [..., Nq, C], y: [..., Nk, C_kv] -> [..., Nq, C]. Like `multi_query_attention`, but key/value kernels
-    [C_kv, h, d] and biases [h, d].
+    x: [..., Nq, C], y: [..., Nk, C_kv] -> [..., Nq, C]. Like `multi_query_attention`,
+    but key/value kernels [C_kv, h, d] and biases [h, d].
     """
     check_attention_params(x.shape, y.shape, params, multi_query=False)
-    q, k, v = _project(x, y, params)  # [..., h, Nq, d], [..., h, Nk, d], [..., h, Nk, d]
+    # [..., h, Nq, d], [..., h, Nk, d], [..., h, Nk, d]
+    q, k, v = _project(x, y, params)
     return _attend(_scores(q, k), v, params)
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #2fb1da55
 def truncated_normal(rng, shape, stddev: float = 0.02, dtype=np.float32):
-    "N(0, stddev²) truncated to [-2 stddev, 2 stddev] by redrawing (TensorFlow's `truncated_normal` convention)."
+    """N(0, stddev²) truncated to [-2 stddev, 2 stddev] by redrawing
+    (TensorFlow's `truncated_normal` convention)."""
     values = rng.standard_normal(shape)
     outside = np.abs(values) > 2.0
     while np.any(outside):
@@ -237,22 +329,41 @@ def truncated_normal(rng, shape, stddev: float = 0.02, dtype=np.float32):
     return (stddev * values).astype(dtype)
 
 
-def init_attention_params(rng, width: int, num_heads: int, kv_width=None, multi_query: bool = True,
-                          bias_std: float = 0.0):
-    """Attention parameters in the CONVENTIONS.md layout: kernels truncated normal (stddev 0.02), biases N(0, bias_std²).
+def init_attention_params(
+    rng,
+    width: int,
+    num_heads: int,
+    kv_width=None,
+    multi_query: bool = True,
+    bias_std: float = 0.0,
+):
+    """Attention parameters in the CONVENTIONS.md layout: kernels truncated normal
+    (stddev 0.02), biases N(0, bias_std²).
 
-    rng: a `np.random.Generator`. width C, num_heads h (dividing C), head_dim d = C/h, kv_width C_kv (default C).
-    Multi-query: key/value kernels [C_kv, d]; multi-head: [C_kv, h, d]. float32.
+    rng: a `np.random.Generator`. width C, num_heads h (dividing C), head_dim d = C/h,
+    kv_width C_kv (default C). Multi-query: key/value kernels [C_kv, d]; multi-head:
+    [C_kv, h, d]. float32.
     """
     if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive integer, got num_heads={num_heads!r} (width={width})")
+        raise ValueError(
+            f"num_heads must be a positive integer, got num_heads={num_heads!r} "
+            f"(width={width})"
+        )
     if not isinstance(width, (int, np.integer)) or width < 1:
-        raise ValueError(f"width must be a positive integer, got width={width!r} (num_heads={num_heads})")
+        raise ValueError(
+            f"width must be a positive integer, got width={width!r} "
+            f"(num_heads={num_heads})"
+        )
     if width % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide width={width} (head_dim d = width / num_heads)")
+        raise ValueError(
+            f"num_heads={num_heads} must divide width={width} (head_dim d = width / "
+            "num_heads)"
+        )
     kv_width = width if kv_width is None else kv_width
     if not isinstance(kv_width, (int, np.integer)) or kv_width < 1:
-        raise ValueError(f"kv_width must be a positive integer, got kv_width={kv_width!r}")
+        raise ValueError(
+            f"kv_width must be a positive integer, got kv_width={kv_width!r}"
+        )
     head_dim = width // num_heads
     kv_heads = (head_dim,) if multi_query else (num_heads, head_dim)  # (d,) or (h, d)
     shapes = {
@@ -271,30 +382,43 @@ def init_attention_params(rng, width: int, num_heads: int, kv_width=None, multi_
 
 
 def multi_query_to_multi_head(params, num_heads=None):
-    "Multi-head parameters equal to multi-query ones: the one key/value head tiled over the h heads ([C_kv, d] -> [C_kv, h, d])."
+    """Multi-head parameters equal to multi-query ones: the one key/value head tiled
+    over the h heads ([C_kv, d] -> [C_kv, h, d])."""
     num_heads = params["query"]["kernel"].shape[1] if num_heads is None else num_heads
     tiled = {}
     for name in ("key", "value"):
         kernel, bias = params[name]["kernel"], params[name]["bias"]
-        tiled[name] = {"kernel": np.repeat(kernel[:, None, :], num_heads, axis=1),  # [C_kv, h, d]
-                       "bias": np.repeat(bias[None, :], num_heads, axis=0)}  # [h, d]
-    return {"query": params["query"], "key": tiled["key"], "value": tiled["value"], "out": params["out"]}
+        # [C_kv, h, d]
+        tiled[name] = {
+            "kernel": np.repeat(kernel[:, None, :], num_heads, axis=1),
+            "bias": np.repeat(bias[None, :], num_heads, axis=0),
+        }  # [h, d]
+    return {
+        "query": params["query"],
+        "key": tiled["key"],
+        "value": tiled["value"],
+        "out": params["out"],
+    }
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #2ca37ec1
 def _attention_loops(x, y, params):
-    "Naive attention, scalar by scalar: (output [..., Nq, C], scores [..., h, Nq, Nk]) in float64."
+    """Naive attention, scalar by scalar: (output [..., Nq, C], scores [..., h, Nq, Nk])
+    in float64."""
     multi_query = is_multi_query(params)
-    wq, bq = params["query"]["kernel"].tolist(), params["query"]["bias"].tolist()  # [C][h][d], [h][d]
+    # [C][h][d], [h][d]
+    wq, bq = params["query"]["kernel"].tolist(), params["query"]["bias"].tolist()
     wk, bk = params["key"]["kernel"].tolist(), params["key"]["bias"].tolist()
     wv, bv = params["value"]["kernel"].tolist(), params["value"]["bias"].tolist()
-    wo, bo = params["out"]["kernel"].tolist(), params["out"]["bias"].tolist()  # [h][d][C], [C]
+    # [h][d][C], [C]
+    wo, bo = params["out"]["kernel"].tolist(), params["out"]["bias"].tolist()
     width, num_heads, head_dim = np.shape(params["query"]["kernel"])
     kv_width = np.shape(params["key"]["kernel"])[0]
     lead, num_queries, num_keys = x.shape[:-2], x.shape[-2], y.shape[-2]
     out = np.zeros(lead + (num_queries, width))
     scores = np.zeros(lead + (num_heads, num_queries, num_keys))
 
-    def kv(w, b, token, head, j):  # key or value j of one token, for one head (multi-query: the same for all heads)
+    # key or value j of one token, for one head (multi-query: the same for all heads)
+    def kv(w, b, token, head, j):
         if multi_query:
             return sum(token[c] * w[c][j] for c in range(kv_width)) + b[j]
         return sum(token[c] * w[c][head][j] for c in range(kv_width)) + b[head][j]
@@ -302,21 +426,38 @@ def _attention_loops(x, y, params):
     for index in np.ndindex(lead):
         xs, ys = x[index].tolist(), y[index].tolist()  # [Nq][C], [Nk][C_kv]
         for head in range(num_heads):
-            keys = [[kv(wk, bk, ys[m], head, j) for j in range(head_dim)] for m in range(num_keys)]
-            values = [[kv(wv, bv, ys[m], head, j) for j in range(head_dim)] for m in range(num_keys)]
+            keys = [
+                [kv(wk, bk, ys[m], head, j) for j in range(head_dim)]
+                for m in range(num_keys)
+            ]
+            values = [
+                [kv(wv, bv, ys[m], head, j) for j in range(head_dim)]
+                for m in range(num_keys)
+            ]
             for n in range(num_queries):
-                query = [sum(xs[n][c] * wq[c][head][j] for c in range(width)) + bq[head][j] for j in range(head_dim)]
-                logits = [sum(query[j] * keys[m][j] for j in range(head_dim)) / math.sqrt(head_dim)
-                          for m in range(num_keys)]
+                query = [
+                    sum(xs[n][c] * wq[c][head][j] for c in range(width)) + bq[head][j]
+                    for j in range(head_dim)
+                ]
+                logits = [
+                    sum(query[j] * keys[m][j] for j in range(head_dim))
+                    / math.sqrt(head_dim)
+                    for m in range(num_keys)
+                ]
                 largest = max(logits)
                 exps = [math.exp(logit - largest) for logit in logits]
                 total = sum(exps)
                 weights = [e / total for e in exps]
                 for m in range(num_keys):
                     scores[index + (head, n, m)] = weights[m]
-                attended = [sum(weights[m] * values[m][j] for m in range(num_keys)) for j in range(head_dim)]
+                attended = [
+                    sum(weights[m] * values[m][j] for m in range(num_keys))
+                    for j in range(head_dim)
+                ]
                 for c in range(width):  # this head's share of the output projection
-                    out[index + (n, c)] += sum(attended[j] * wo[head][j][c] for j in range(head_dim))
+                    out[index + (n, c)] += sum(
+                        attended[j] * wo[head][j][c] for j in range(head_dim)
+                    )
         for n in range(num_queries):
             for c in range(width):
                 out[index + (n, c)] += bo[c]
@@ -324,13 +465,15 @@ def _attention_loops(x, y, params):
 
 
 def multi_query_attention_loops(x, y, params):
-    "Naive-loop twin of `multi_query_attention` (float64): x [..., Nq, C], y [..., Nk, C_kv] -> [..., Nq, C]."
+    """Naive-loop twin of `multi_query_attention` (float64): x [..., Nq, C], y
+    [..., Nk, C_kv] -> [..., Nq, C]."""
     check_attention_params(x.shape, y.shape, params, multi_query=True)
     return _attention_loops(x, y, params)[0]
 
 
 def multi_head_attention_loops(x, y, params):
-    "Naive-loop twin of `multi_head_attention` (float64): x [..., Nq, C], y [..., Nk, C_kv] -> [..., Nq, C]."
+    """Naive-loop twin of `multi_head_attention` (float64): x [..., Nq, C], y
+    [..., Nk, C_kv] -> [..., Nq, C]."""
     check_attention_params(x.shape, y.shape, params, multi_query=False)
     return _attention_loops(x, y, params)[0]
 

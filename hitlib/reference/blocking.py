@@ -10,42 +10,55 @@ import numpy as np
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #81374c74
 def check_rank(x_shape, rank: int, name: str, layout: str):
-    "Raise `ValueError` unless `x_shape` has `rank` dimensions; `layout` (e.g. `'[B, H, W, C]'`) goes in the message."
+    """Raise `ValueError` unless `x_shape` has `rank` dimensions; `layout`
+    (e.g. `'[B, H, W, C]'`) goes in the message."""
     if len(x_shape) != rank:
-        raise ValueError(f"{name} must have rank {rank} {layout}, got shape {tuple(x_shape)}")
+        raise ValueError(
+            f"{name} must have rank {rank} {layout}, got shape {tuple(x_shape)}"
+        )
 
 
 def check_block_size(height: int, width: int, block_size: int):
-    "Raise `ValueError` unless `block_size` is a positive integer dividing both `height` and `width`."
+    """Raise `ValueError` unless `block_size` is a positive integer dividing both
+    `height` and `width`."""
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if height % block_size or width % block_size:
-        raise ValueError(f"block_size={block_size} does not divide the feature map: height={height}, width={width}")
+        raise ValueError(
+            f"block_size={block_size} does not divide the feature map: "
+            f"height={height}, width={width}"
+        )
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #026a0038
 def space_to_depth(x, block_size: int):
     """Move each `block_size × block_size` patch of pixels into the channels.
 
-    x: [B, H, W, C] -> [B, H/p, W/p, p*p*C] with p = block_size; channel order (dy, dx, c) as in TensorFlow.
+    x: [B, H, W, C] -> [B, H/p, W/p, p*p*C] with p = block_size; channel order
+    (dy, dx, c) as in TensorFlow.
     """
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     batch, height, width, channels = x.shape
     check_block_size(height, width, block_size)
     p = block_size
-    x = x.reshape(batch, height // p, p, width // p, p, channels)  # [B, H/p, dy, W/p, dx, C]
+    # [B, H/p, dy, W/p, dx, C]
+    x = x.reshape(batch, height // p, p, width // p, p, channels)
     x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, H/p, W/p, dy, dx, C]
     return x.reshape(batch, height // p, width // p, p * p * channels)
 
 
 def depth_to_space(x, block_size: int):
-    """Inverse of `space_to_depth`: [B, H, W, p*p*C] -> [B, H*p, W*p, C] (TensorFlow's `depth_to_space`, DCR order)."""
+    """Inverse of `space_to_depth`: [B, H, W, p*p*C] -> [B, H*p, W*p, C]
+    (TensorFlow's `depth_to_space`, DCR order)."""
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     batch, height, width, channels = x.shape
     if not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     p = block_size
     if channels % (p * p):
-        raise ValueError(f"depth_to_space needs channels divisible by block_size**2={p * p}, got channels={channels}")
+        raise ValueError(
+            f"depth_to_space needs channels divisible by block_size**2={p * p}, got "
+            f"channels={channels}"
+        )
     out_channels = channels // (p * p)
     x = x.reshape(batch, height, width, p, p, out_channels)  # [B, H, W, dy, dx, C']
     x = x.transpose(0, 1, 3, 2, 4, 5)  # [B, H, dy, W, dx, C']
@@ -53,7 +66,8 @@ def depth_to_space(x, block_size: int):
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #e3f53a44
 def depth_to_space_loops(x, block_size: int):
-    "Element-by-element `depth_to_space`: the index formula of TensorFlow's documentation, nothing else."
+    """Element-by-element `depth_to_space`: the index formula of TensorFlow's
+    documentation, nothing else."""
     batch, height, width, channels = x.shape
     p = block_size
     out_channels = channels // (p * p)
@@ -63,41 +77,49 @@ def depth_to_space_loops(x, block_size: int):
             for w in range(width * p):
                 for c in range(out_channels):
                     dy, dx = h % p, w % p
-                    y[b, h, w, c] = x[b, h // p, w // p, (dy * p + dx) * out_channels + c]
+                    y[b, h, w, c] = x[
+                        b, h // p, w // p, (dy * p + dx) * out_channels + c
+                    ]
     return y
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #c8c17aaf
 def block(x, block_size: int):
     """Block a feature map into non-overlapping square blocks (Algorithm 3, `Block`).
 
-    x: [B, H, W, C] -> [B, M, N, C], with M = (H/p)(W/p) blocks in row-major order and N = p*p tokens per block.
+    x: [B, H, W, C] -> [B, M, N, C], with M = (H/p)(W/p) blocks in row-major order and
+    N = p*p tokens per block.
     """
-    y = space_to_depth(x, block_size)  # [B, H/p, W/p, p*p*C]; validates rank and block_size
+    # [B, H/p, W/p, p*p*C]; validates rank and block_size
+    y = space_to_depth(x, block_size)
     batch, grid_h, grid_w, _ = y.shape
-    return y.reshape(batch, grid_h * grid_w, block_size * block_size, x.shape[-1])  # [B, M, N, C]
+    # [B, M, N, C]
+    return y.reshape(batch, grid_h * grid_w, block_size * block_size, x.shape[-1])
 
 
 def check_unblock(blocks_shape, height: int, width: int):
-    "Raise `ValueError` unless blocks of shape [B, M, N, C] tile a `height × width` map with square blocks."
+    """Raise `ValueError` unless blocks of shape [B, M, N, C] tile a `height × width`
+    map with square blocks."""
     check_rank(blocks_shape, 4, "x", "[B, M, N, C]")
     _, num_blocks, block_len, _ = blocks_shape
-    p = int(round(block_len ** 0.5))
+    p = int(round(block_len**0.5))
     if p * p != block_len:
         raise ValueError(f"tokens per block N={block_len} is not a square number p*p")
     check_block_size(height, width, p)
     if (height // p) * (width // p) != num_blocks:
         raise ValueError(
-            f"M={num_blocks} blocks of {p}x{p} cannot tile height={height}, width={width} "
-            f"(that needs {(height // p) * (width // p)} blocks)"
+            f"M={num_blocks} blocks of {p}x{p} cannot tile height={height}, "
+            f"width={width} (that needs {(height // p) * (width // p)} blocks)"
         )
     return p
 
 
 def unblock(x, height: int, width: int):
-    """Inverse of `block` (Algorithm 3, `UnBlock`): [B, M, N, C] -> [B, H, W, C] with H = `height`, W = `width`."""
+    """Inverse of `block` (Algorithm 3, `UnBlock`): [B, M, N, C] -> [B, H, W, C] with
+    H = `height`, W = `width`."""
     p = check_unblock(x.shape, height, width)
     batch, _, _, channels = x.shape
-    x = x.reshape(batch, height // p, width // p, p * p * channels)  # [B, H/p, W/p, p*p*C]
+    # [B, H/p, W/p, p*p*C]
+    x = x.reshape(batch, height // p, width // p, p * p * channels)
     return depth_to_space(x, p)
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #da442c88
@@ -118,7 +140,7 @@ def block_loops(x, block_size: int):
 def unblock_loops(x, height: int, width: int):
     "Element-by-element `unblock`."
     batch, _, block_len, channels = x.shape
-    p = int(round(block_len ** 0.5))
+    p = int(round(block_len**0.5))
     grid_w = width // p
     y = np.zeros((batch, height, width, channels), x.dtype)
     for b in range(batch):
@@ -129,12 +151,14 @@ def unblock_loops(x, height: int, width: int):
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #43683330
 def pixel_shuffle(x, factor: int = 2):
-    "Pixel shuffle (Algorithm 1, `PixelShuffle`): [B, H, W, C] -> [B, H*f, W*f, C/f²], TensorFlow's channel order."
+    """Pixel shuffle (Algorithm 1, `PixelShuffle`): [B, H, W, C] -> [B, H*f, W*f, C/f²],
+    TensorFlow's channel order."""
     return depth_to_space(x, factor)
 
 
 def upsample_nearest(x, factor: int = 2):
-    "Nearest-neighbour upsampling (Algorithm 1, `UpSampleNN`): [B, H, W, C] -> [B, H*f, W*f, C]."
+    """Nearest-neighbour upsampling (Algorithm 1, `UpSampleNN`): [B, H, W, C] ->
+    [B, H*f, W*f, C]."""
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
 
@@ -150,6 +174,11 @@ def upsample_nearest_loops(x, factor: int = 2):
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #7e95c323
 def balanced_block_size(height: int, width: int) -> int:
-    "The block size p dividing `height` and `width` that makes p*p closest to the number of blocks H*W/p² (larger on a tie)."
-    candidates = [p for p in range(1, min(height, width) + 1) if height % p == 0 and width % p == 0]
+    """The block size p dividing `height` and `width` that makes p*p closest to the
+    number of blocks H*W/p² (larger on a tie)."""
+    candidates = [
+        p
+        for p in range(1, min(height, width) + 1)
+        if height % p == 0 and width % p == 0
+    ]
     return min(candidates, key=lambda p: (abs(p * p - height * width // (p * p)), -p))

@@ -10,8 +10,14 @@ import math
 
 import numpy as np
 
-from .attention import (attention_weights, check_attention_params, is_multi_query,
-                                        multi_head_attention, multi_query_attention, truncated_normal)
+from hitlib.reference.attention import (
+    attention_weights,
+    check_attention_params,
+    is_multi_query,
+    multi_head_attention,
+    multi_query_attention,
+    truncated_normal,
+)
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #aed016cc
 def _shape(leaf):
@@ -20,48 +26,78 @@ def _shape(leaf):
 
 
 def check_latent_params(z_shape, params, grid_size: int):
-    """Raise `ValueError` unless z [B, D] and `params` {dense {kernel [D, L*C0], bias [L*C0]}, pos [L, C0]} fit a
-    `grid_size × grid_size` grid of L = grid_size**2 tokens. Returns `(L, C0)`. Leaves may be arrays or shape tuples;
-    shapes only, so it runs before any computation and the JAX module reuses it."""
-    if not isinstance(grid_size, (int, np.integer)) or isinstance(grid_size, bool) or grid_size < 1:
-        raise ValueError(f"grid_size must be a positive integer, got grid_size={grid_size!r}")
+    """Raise `ValueError` unless z [B, D] and `params`
+    {dense {kernel [D, L*C0], bias [L*C0]}, pos [L, C0]} fit a `grid_size × grid_size`
+    grid of L = grid_size**2 tokens. Returns `(L, C0)`. Leaves may be arrays or shape
+    tuples; shapes only, so it runs before any computation and the JAX module reuses
+    it."""
+    if (
+        not isinstance(grid_size, (int, np.integer))
+        or isinstance(grid_size, bool)
+        or grid_size < 1
+    ):
+        raise ValueError(
+            f"grid_size must be a positive integer, got grid_size={grid_size!r}"
+        )
     if len(z_shape) != 2:
         raise ValueError(f"z must have rank 2 [B, D], got shape {tuple(z_shape)}")
-    if not isinstance(params, dict) or "pos" not in params or not isinstance(params.get("dense"), dict):
-        raise ValueError("params must be a dict with 'dense' {'kernel', 'bias'} and 'pos'")
+    if (
+        not isinstance(params, dict)
+        or "pos" not in params
+        or not isinstance(params.get("dense"), dict)
+    ):
+        raise ValueError(
+            "params must be a dict with 'dense' {'kernel', 'bias'} and 'pos'"
+        )
     for leaf in ("kernel", "bias"):
         if leaf not in params["dense"]:
             raise ValueError(f"params['dense'] has no {leaf!r}")
     num_tokens = grid_size * grid_size
     pos = _shape(params["pos"])
     if len(pos) != 2 or pos[0] != num_tokens:
-        raise ValueError(f"params['pos'] must have shape [L, C0] with L = grid_size**2 = {num_tokens} "
-                         f"(grid_size={grid_size}), got {pos}")
+        raise ValueError(
+            "params['pos'] must have shape [L, C0] with L = grid_size**2 = "
+            f"{num_tokens} (grid_size={grid_size}), got {pos}"
+        )
     width = pos[1]
     kernel, bias = _shape(params["dense"]["kernel"]), _shape(params["dense"]["bias"])
     expected = (z_shape[1], num_tokens * width)
     if kernel != expected:
-        raise ValueError(f"params['dense']['kernel'] has shape {kernel}, expected [D, L*C0] = {expected} "
-                         f"(z width D={z_shape[1]}, L={num_tokens} tokens, C0={width} from params['pos'])")
+        raise ValueError(
+            f"params['dense']['kernel'] has shape {kernel}, expected [D, L*C0] = "
+            f"{expected} (z width D={z_shape[1]}, L={num_tokens} tokens, C0={width} "
+            "from params['pos'])"
+        )
     if bias != (num_tokens * width,):
-        raise ValueError(f"params['dense']['bias'] has shape {bias}, expected [L*C0] = ({num_tokens * width},)")
+        raise ValueError(
+            f"params['dense']['bias'] has shape {bias}, expected [L*C0] = "
+            f"({num_tokens * width},)"
+        )
     return num_tokens, width
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #ac56fe16
 def latent_tokens(z, params, grid_size: int = 4):
-    """The latent embedding Z of section 3.3 / Algorithm 1 before its norm: Z = ReShape(Linear(z)) + P_Z.
+    """The latent embedding Z of section 3.3 / Algorithm 1 before its norm:
+    Z = ReShape(Linear(z)) + P_Z.
 
-    z: [B, D] -> [B, L, C0], L = grid_size**2 tokens in row-major grid order, C0 = params['pos'].shape[1].
-    params: {"dense": {"kernel": [D, L*C0], "bias": [L*C0]}, "pos": [L, C0]} (other keys ignored).
+    z: [B, D] -> [B, L, C0], L = grid_size**2 tokens in row-major grid order,
+    C0 = params['pos'].shape[1].
+    params: {"dense": {"kernel": [D, L*C0], "bias": [L*C0]}, "pos": [L, C0]}
+    (other keys ignored).
     """
     num_tokens, width = check_latent_params(z.shape, params, grid_size)
-    projected = np.einsum("bi,ik->bk", z, params["dense"]["kernel"]) + params["dense"]["bias"]  # [B, L*C0]
-    tokens = projected.reshape(z.shape[0], num_tokens, width)  # [B, L, C0]: token l holds entries l*C0 ... l*C0+C0-1
+    # [B, L*C0]
+    projected = (
+        np.einsum("bi,ik->bk", z, params["dense"]["kernel"]) + params["dense"]["bias"]
+    )
+    # [B, L, C0]: token l holds entries l*C0 ... l*C0+C0-1
+    tokens = projected.reshape(z.shape[0], num_tokens, width)
     return tokens + params["pos"]  # + P_Z [L, C0], broadcast over the batch
 
 
 def latent_tokens_loops(z, params, grid_size: int = 4):
-    "Naive-loop twin of `latent_tokens` (float64): one output number at a time, straight from the formula above."
+    """Naive-loop twin of `latent_tokens` (float64): one output number at a time,
+    straight from the formula above."""
     num_tokens, width = check_latent_params(z.shape, params, grid_size)
     kernel, bias = params["dense"]["kernel"].tolist(), params["dense"]["bias"].tolist()
     pos, zs = params["pos"].tolist(), z.tolist()
@@ -70,58 +106,94 @@ def latent_tokens_loops(z, params, grid_size: int = 4):
         for l in range(num_tokens):
             for c in range(width):
                 column = l * width + c
-                out[b, l, c] = sum(zs[b][i] * kernel[i][column] for i in range(z.shape[1])) + bias[column] + pos[l][c]
+                out[b, l, c] = (
+                    sum(zs[b][i] * kernel[i][column] for i in range(z.shape[1]))
+                    + bias[column]
+                    + pos[l][c]
+                )
     return out
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #d8ba6511
-def init_latent_params(rng, latent_dim: int, width: int, grid_size: int = 4, bias_std: float = 0.0):
-    """Parameters of `latent_tokens`: dense kernel [D, L*C0] and P_Z [L, C0] truncated normal (stddev 0.02), bias [L*C0]
-    N(0, bias_std²); D = latent_dim, C0 = width, L = grid_size**2. float32; `rng` a `np.random.Generator`."""
+def init_latent_params(
+    rng, latent_dim: int, width: int, grid_size: int = 4, bias_std: float = 0.0
+):
+    """Parameters of `latent_tokens`: dense kernel [D, L*C0] and P_Z [L, C0] truncated
+    normal (stddev 0.02), bias [L*C0] N(0, bias_std²); D = latent_dim, C0 = width,
+    L = grid_size**2. float32; `rng` a `np.random.Generator`."""
     tokens = grid_size * grid_size
-    return {"dense": {"kernel": truncated_normal(rng, (latent_dim, tokens * width)),  # [D, L*C0]
-                      "bias": (bias_std * rng.standard_normal(tokens * width)).astype(np.float32)},
-            "pos": truncated_normal(rng, (tokens, width))}  # [L, C0]
+    # [D, L*C0]
+    return {
+        "dense": {
+            "kernel": truncated_normal(rng, (latent_dim, tokens * width)),
+            "bias": (bias_std * rng.standard_normal(tokens * width)).astype(np.float32),
+        },
+        "pos": truncated_normal(rng, (tokens, width)),
+    }  # [L, C0]
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #c5622feb
 def check_cross_attention_shapes(x_shape, latent_shape, params):
-    """Raise `ValueError` unless x [B, N, C] or [B, H, W, C], latent [B, L, C_kv] and attention `params` fit together.
+    """Raise `ValueError` unless x [B, N, C] or [B, H, W, C], latent [B, L, C_kv] and
+    attention `params` fit together.
 
-    Returns `(num_heads, head_dim)`. Shapes only (leaves may be arrays or shape tuples), so the JAX module reuses it.
+    Returns `(num_heads, head_dim)`. Shapes only (leaves may be arrays or shape tuples),
+    so the JAX module reuses it.
     """
     if len(x_shape) not in (3, 4):
-        raise ValueError(f"x must have rank 3 [B, N, C] or 4 [B, H, W, C], got shape {tuple(x_shape)}")
+        raise ValueError(
+            "x must have rank 3 [B, N, C] or 4 [B, H, W, C], got shape "
+            f"{tuple(x_shape)}"
+        )
     if len(latent_shape) != 3:
-        raise ValueError(f"latent must have rank 3 [B, L, C_kv], got shape {tuple(latent_shape)}")
+        raise ValueError(
+            f"latent must have rank 3 [B, L, C_kv], got shape {tuple(latent_shape)}"
+        )
     if x_shape[0] != latent_shape[0]:
-        raise ValueError(f"x and latent must have the same batch size B, got x shape {tuple(x_shape)} "
-                         f"and latent shape {tuple(latent_shape)}")
+        raise ValueError(
+            "x and latent must have the same batch size B, got x shape "
+            f"{tuple(x_shape)} and latent shape {tuple(latent_shape)}"
+        )
     if latent_shape[1] < 1:
-        raise ValueError(f"latent must have at least one token, got shape {tuple(latent_shape)}")
+        raise ValueError(
+            f"latent must have at least one token, got shape {tuple(latent_shape)}"
+        )
     try:
-        query_kernel, key_kernel = _shape(params["query"]["kernel"]), _shape(params["key"]["kernel"])
-    except (KeyError, TypeError):  # malformed params: check_attention_params below says what is missing
+        query_kernel, key_kernel = (
+            _shape(params["query"]["kernel"]),
+            _shape(params["key"]["kernel"]),
+        )
+    # malformed params: check_attention_params below says what is missing
+    except (KeyError, TypeError):
         query_kernel = key_kernel = ()
     if len(key_kernel) in (2, 3) and latent_shape[-1] != key_kernel[0]:
-        raise ValueError(f"latent has width C_kv={latent_shape[-1]} (shape {tuple(latent_shape)}) but "
-                         f"params['key']['kernel'] has shape {key_kernel}, which expects C_kv={key_kernel[0]}")
+        raise ValueError(
+            f"latent has width C_kv={latent_shape[-1]} (shape {tuple(latent_shape)}) "
+            f"but params['key']['kernel'] has shape {key_kernel}, which expects "
+            f"C_kv={key_kernel[0]}"
+        )
     if len(query_kernel) == 3 and x_shape[-1] != query_kernel[0]:
-        raise ValueError(f"x has width C={x_shape[-1]} (shape {tuple(x_shape)}) but "
-                         f"params['query']['kernel'] has shape {query_kernel}, which expects C={query_kernel[0]}")
+        raise ValueError(
+            f"x has width C={x_shape[-1]} (shape {tuple(x_shape)}) but "
+            f"params['query']['kernel'] has shape {query_kernel}, which expects "
+            f"C={query_kernel[0]}"
+        )
     tokens_shape = (x_shape[0], math.prod(x_shape[1:-1]), x_shape[-1])  # [B, N, C]
     return check_attention_params(tokens_shape, tuple(latent_shape), params)
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #d2f00f11
 def _as_tokens(x):
-    "x [B, H, W, C] or [B, N, C] -> [B, N, C] with N = H*W in row-major order (a view, no copy)."
+    """x [B, H, W, C] or [B, N, C] -> [B, N, C] with N = H*W in row-major order
+    (a view, no copy)."""
     return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
 
 
 def cross_attention(x, latent, params):
-    """Cross-attention for self-modulation (section 3.3; Algorithm 1, `MultiQueryAttention(X_l, Z, Z)`).
+    """Cross-attention for self-modulation
+    (section 3.3; Algorithm 1, `MultiQueryAttention(X_l, Z, Z)`).
 
-    x: [B, H, W, C] feature map or [B, N, C] tokens (queries); latent: [B, L, C_kv] (keys and values)
-    -> the shape of x. Every token attends to all L latent tokens jointly. `params` in chapter 2's layout:
-    multi-query (key kernel [C_kv, d]) or multi-head (key kernel [C_kv, h, d]).
+    x: [B, H, W, C] feature map or [B, N, C] tokens (queries); latent: [B, L, C_kv]
+    (keys and values) -> the shape of x. Every token attends to all L latent tokens
+    jointly. `params` in chapter 2's layout: multi-query (key kernel [C_kv, d]) or
+    multi-head (key kernel [C_kv, h, d]).
     """
     check_cross_attention_shapes(x.shape, latent.shape, params)
     attend = multi_query_attention if is_multi_query(params) else multi_head_attention
@@ -130,60 +202,81 @@ def cross_attention(x, latent, params):
 
 
 def cross_attention_weights(x, latent, params):
-    """Scores of `cross_attention`: x [B, H, W, C] or [B, N, C], latent [B, L, C_kv] -> [B, h, N, L] (N = H*W, row-major).
+    """Scores of `cross_attention`: x [B, H, W, C] or [B, N, C], latent [B, L, C_kv] ->
+    [B, h, N, L] (N = H*W, row-major).
 
-    Entry [b, head, n, m] is how much token n reads latent token m; each row sums to 1 over m.
+    Entry [b, head, n, m] is how much token n reads latent token m; each row sums to 1
+    over m.
     """
     check_cross_attention_shapes(x.shape, latent.shape, params)
     return attention_weights(_as_tokens(x), latent, params)  # [B, h, N, L]
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #eb36537a
 def _cross_attention_loops(x, latent, params):
-    "Naive cross-attention, scalar by scalar, float64: (output [shape of x], scores [B, h, N, L])."
+    """Naive cross-attention, scalar by scalar, float64:
+    (output [shape of x], scores [B, h, N, L])."""
     num_heads, head_dim = check_cross_attention_shapes(x.shape, latent.shape, params)
     multi_query = is_multi_query(params)
-    wq, bq = params["query"]["kernel"].tolist(), params["query"]["bias"].tolist()  # [C][h][d], [h][d]
-    wk, bk = params["key"]["kernel"].tolist(), params["key"]["bias"].tolist()  # [C_kv][d] or [C_kv][h][d]
+    # [C][h][d], [h][d]
+    wq, bq = params["query"]["kernel"].tolist(), params["query"]["bias"].tolist()
+    # [C_kv][d] or [C_kv][h][d]
+    wk, bk = params["key"]["kernel"].tolist(), params["key"]["bias"].tolist()
     wv, bv = params["value"]["kernel"].tolist(), params["value"]["bias"].tolist()
-    wo, bo = params["out"]["kernel"].tolist(), params["out"]["bias"].tolist()  # [h][d][C], [C]
+    # [h][d][C], [C]
+    wo, bo = params["out"]["kernel"].tolist(), params["out"]["bias"].tolist()
     batch, spatial, width = x.shape[0], x.shape[1:-1], x.shape[-1]
     num_latents, kv_width = latent.shape[1:]
     out = np.zeros(x.shape)
     scores = np.zeros((batch, num_heads, math.prod(spatial), num_latents))
 
-    def project(w, b, token, head, j):  # key or value entry j of a latent token (multi-query: one head for all)
+    # key or value entry j of a latent token (multi-query: one head for all)
+    def project(w, b, token, head, j):
         if multi_query:
             return sum(token[c] * w[c][j] for c in range(kv_width)) + b[j]
         return sum(token[c] * w[c][head][j] for c in range(kv_width)) + b[head][j]
 
     for b in range(batch):
         latents = latent[b].tolist()  # [L][C_kv]
-        for n, position in enumerate(np.ndindex(spatial)):  # pixel (h, w) is token n = h*W + w
+        # pixel (h, w) is token n = h*W + w
+        for n, position in enumerate(np.ndindex(spatial)):
             pixel = x[(b,) + position].tolist()  # [C]
             for c in range(width):
                 out[(b,) + position + (c,)] = bo[c]
             for head in range(num_heads):
-                query = [sum(pixel[c] * wq[c][head][j] for c in range(width)) + bq[head][j] for j in range(head_dim)]
+                query = [
+                    sum(pixel[c] * wq[c][head][j] for c in range(width)) + bq[head][j]
+                    for j in range(head_dim)
+                ]
                 logits = []
                 for m in range(num_latents):
-                    key = [project(wk, bk, latents[m], head, j) for j in range(head_dim)]
-                    logits.append(sum(query[j] * key[j] for j in range(head_dim)) / math.sqrt(head_dim))
+                    key = [
+                        project(wk, bk, latents[m], head, j) for j in range(head_dim)
+                    ]
+                    logits.append(
+                        sum(query[j] * key[j] for j in range(head_dim))
+                        / math.sqrt(head_dim)
+                    )
                 largest = max(logits)
                 exps = [math.exp(logit - largest) for logit in logits]
                 total = sum(exps)
                 attended = [0.0] * head_dim
                 for m in range(num_latents):
                     scores[b, head, n, m] = exps[m] / total
-                    value = [project(wv, bv, latents[m], head, j) for j in range(head_dim)]
+                    value = [
+                        project(wv, bv, latents[m], head, j) for j in range(head_dim)
+                    ]
                     for j in range(head_dim):
                         attended[j] += scores[b, head, n, m] * value[j]
                 for c in range(width):  # this head's share of the output projection
-                    out[(b,) + position + (c,)] += sum(attended[j] * wo[head][j][c] for j in range(head_dim))
+                    out[(b,) + position + (c,)] += sum(
+                        attended[j] * wo[head][j][c] for j in range(head_dim)
+                    )
     return out, scores
 
 
 def cross_attention_loops(x, latent, params):
-    "Naive-loop twin of `cross_attention` (float64): x [B, H, W, C] or [B, N, C], latent [B, L, C_kv] -> shape of x."
+    """Naive-loop twin of `cross_attention` (float64): x [B, H, W, C] or [B, N, C],
+    latent [B, L, C_kv] -> shape of x."""
     return _cross_attention_loops(x, latent, params)[0]
 
 
@@ -192,21 +285,40 @@ def cross_attention_weights_loops(x, latent, params):
     return _cross_attention_loops(x, latent, params)[1]
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #f0247eaf
-def cross_attention_flops(num_tokens: int, width: int, kv_width: int, num_heads: int, num_latents: int,
-                          multi_query: bool = True) -> int:
-    """Multiply-adds of `cross_attention` for one sample: N = `num_tokens` queries of width C = `width` with h heads,
-    L = `num_latents` latent tokens of width C_kv = `kv_width`. Equals 2N(C² + L·C) + 2·L·C_kv·d (MQA, d = C/h) or
-    2N(C² + L·C) + 2·L·C_kv·C (MHA). Biases, the logit scale and the softmax are not counted."""
-    for name, value in (("num_tokens", num_tokens), ("width", width), ("kv_width", kv_width),
-                        ("num_heads", num_heads), ("num_latents", num_latents)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+def cross_attention_flops(
+    num_tokens: int,
+    width: int,
+    kv_width: int,
+    num_heads: int,
+    num_latents: int,
+    multi_query: bool = True,
+) -> int:
+    """Multiply-adds of `cross_attention` for one sample: N = `num_tokens` queries of
+    width C = `width` with h heads, L = `num_latents` latent tokens of width
+    C_kv = `kv_width`. Equals 2N(C² + L·C) + 2·L·C_kv·d (MQA, d = C/h) or
+    2N(C² + L·C) + 2·L·C_kv·C (MHA). Biases, the logit scale and the softmax are not
+    counted."""
+    for name, value in (
+        ("num_tokens", num_tokens),
+        ("width", width),
+        ("kv_width", kv_width),
+        ("num_heads", num_heads),
+        ("num_latents", num_latents),
+    ):
+        if (
+            not isinstance(value, (int, np.integer))
+            or isinstance(value, bool)
+            or value < 1
+        ):
             raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
     if width % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide width={width}")
     head_dim = width // num_heads
     queries = num_tokens * width * width  # [N, C] x [C, h, d]
-    keys_values = 2 * num_latents * kv_width * (head_dim if multi_query else width)  # [L, C_kv] x [C_kv, (h,) d]
-    logits = num_tokens * num_heads * num_latents * head_dim  # q . k for every (token, head, latent token)
+    # [L, C_kv] x [C_kv, (h,) d]
+    keys_values = 2 * num_latents * kv_width * (head_dim if multi_query else width)
+    # q . k for every (token, head, latent token)
+    logits = num_tokens * num_heads * num_latents * head_dim
     weighted = num_tokens * num_heads * num_latents * head_dim  # scores x values
     out = num_tokens * num_heads * head_dim * width  # [N, h, d] x [h, d, C]
     return int(queries + keys_values + logits + weighted + out)

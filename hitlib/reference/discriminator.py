@@ -26,13 +26,19 @@ def _is_int(value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class DiscriminatorConfig:
-    """A StyleGAN2-style ResNet discriminator for `resolution × resolution` RGB images (section 4.2, hit-facts).
+    """A StyleGAN2-style ResNet discriminator for `resolution × resolution` RGB images
+    (section 4.2; appendix, 'Where the paper is silent').
 
-    resolution: a power of two >= 8; channel_multiplier: m (1 for ImageNet, 2 for FFHQ / CelebA-HQ);
-    downsample: 'blur' ([1, 3, 3, 1] blur pool, stride 2) or 'avg' (2×2 average pooling);
-    minibatch_std: append the minibatch standard deviation channel before the head (off in the paper);
-    max_channels: cap on every width (512 in the paper); mbstd_group_size: group size of the minibatch stddev.
+    resolution: a power of two >= 8; channel_multiplier: m
+    (1 for ImageNet, 2 for FFHQ / CelebA-HQ);
+    downsample: 'blur' ([1, 3, 3, 1] blur pool, stride 2) or 'avg'
+    (2×2 average pooling);
+    minibatch_std: append the minibatch standard deviation channel before the head
+    (off in the paper);
+    max_channels: cap on every width (512 in the paper); mbstd_group_size: group size of
+    the minibatch stddev.
     """
+
     resolution: int
     channel_multiplier: int = 1
     downsample: str = "blur"
@@ -43,24 +49,37 @@ class DiscriminatorConfig:
     def __post_init__(self):
         r = self.resolution
         if not _is_int(r) or r < 8 or r & (r - 1):
-            raise ValueError(f"resolution must be a power of two >= 8, got resolution={r!r}")
+            raise ValueError(
+                f"resolution must be a power of two >= 8, got resolution={r!r}"
+            )
         for name in ("channel_multiplier", "max_channels", "mbstd_group_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+                raise ValueError(
+                    f"{name} must be a positive integer, got {name}={value!r}"
+                )
         if self.downsample not in DOWNSAMPLE_KINDS:
-            raise ValueError(f"downsample must be one of {DOWNSAMPLE_KINDS}, got downsample={self.downsample!r}")
+            raise ValueError(
+                f"downsample must be one of {DOWNSAMPLE_KINDS}, got "
+                f"downsample={self.downsample!r}"
+            )
         if not isinstance(self.minibatch_std, (bool, np.bool_)):
-            raise ValueError(f"minibatch_std must be a bool, got minibatch_std={self.minibatch_std!r}")
+            raise ValueError(
+                "minibatch_std must be a bool, got "
+                f"minibatch_std={self.minibatch_std!r}"
+            )
 
     def width(self, resolution: int) -> int:
-        "Channels of the feature map at `resolution` pixels: min(max_channels, 16384·m / resolution)."
+        """Channels of the feature map at `resolution` pixels:
+        min(max_channels, 16384·m / resolution)."""
         return min(self.max_channels, 16384 * self.channel_multiplier // resolution)
 
     @property
     def resolutions(self) -> tuple:
         "The feature-map resolutions R, R/2, ..., 4."
-        return tuple(self.resolution >> i for i in range(int(math.log2(self.resolution)) - 1))
+        return tuple(
+            self.resolution >> i for i in range(int(math.log2(self.resolution)) - 1)
+        )
 
     @property
     def widths(self) -> tuple:
@@ -74,34 +93,44 @@ class DiscriminatorConfig:
 
 # %% ../../notebooks/09a_discriminator_numpy.ipynb #b473eed0
 def same_padding(kernel_size: int):
-    "'SAME' padding (before, after) of a stride-1 convolution: the output keeps the input's size."
+    """'SAME' padding (before, after) of a stride-1 convolution: the output keeps the
+    input's size."""
     before = (kernel_size - 1) // 2
     return before, kernel_size - 1 - before
 
 
 def check_conv(x_shape, kernel_shape):
-    "Raise `ValueError` unless x is [B, H, W, C_in] and the kernel [k_h, k_w, C_in, C_out] with matching C_in."
+    """Raise `ValueError` unless x is [B, H, W, C_in] and the kernel
+    [k_h, k_w, C_in, C_out] with matching C_in."""
     check_rank(x_shape, 4, "x", "[B, H, W, C]")
     check_rank(kernel_shape, 4, "kernel", "[k_h, k_w, C_in, C_out]")
     if kernel_shape[2] != x_shape[3]:
-        raise ValueError(f"kernel expects C_in={kernel_shape[2]} channels, x has {x_shape[3]} (x shape {tuple(x_shape)})")
+        raise ValueError(
+            f"kernel expects C_in={kernel_shape[2]} channels, x has {x_shape[3]} (x "
+            f"shape {tuple(x_shape)})"
+        )
 
 
 def conv2d(x, kernel, bias=None):
     """Stride-1 'SAME' convolution (cross-correlation), channels last.
 
-    x: [B, H, W, C_in]; kernel: [k_h, k_w, C_in, C_out]; bias: [C_out] or None -> [B, H, W, C_out].
+    x: [B, H, W, C_in]; kernel: [k_h, k_w, C_in, C_out]; bias: [C_out] or None ->
+    [B, H, W, C_out].
     """
     check_conv(x.shape, kernel.shape)
     k_h, k_w = kernel.shape[:2]
-    padded = np.pad(x, ((0, 0), same_padding(k_h), same_padding(k_w), (0, 0)))  # [B, H+k_h-1, W+k_w-1, C_in]
-    patches = sliding_window_view(padded, (k_h, k_w), axis=(1, 2))  # [B, H, W, C_in, k_h, k_w]
-    y = np.einsum("bhwcij,ijcd->bhwd", patches, kernel.astype(x.dtype), optimize=True)  # [B, H, W, C_out]
+    # [B, H+k_h-1, W+k_w-1, C_in]
+    padded = np.pad(x, ((0, 0), same_padding(k_h), same_padding(k_w), (0, 0)))
+    # [B, H, W, C_in, k_h, k_w]
+    patches = sliding_window_view(padded, (k_h, k_w), axis=(1, 2))
+    # [B, H, W, C_out]
+    y = np.einsum("bhwcij,ijcd->bhwd", patches, kernel.astype(x.dtype), optimize=True)
     return y if bias is None else y + bias.astype(x.dtype)
 
 
 def conv2d_loops(x, kernel, bias=None):
-    "Naive `conv2d`: for every output pixel and kernel tap, add the tap's input pixel times the kernel slice."
+    """Naive `conv2d`: for every output pixel and kernel tap, add the tap's input pixel
+    times the kernel slice."""
     batch, height, width, _ = x.shape
     k_h, k_w, _, c_out = kernel.shape
     top, left = same_padding(k_h)[0], same_padding(k_w)[0]
@@ -111,7 +140,8 @@ def conv2d_loops(x, kernel, bias=None):
             for i in range(k_h):
                 for j in range(k_w):
                     source_h, source_w = h + i - top, w + j - left
-                    if 0 <= source_h < height and 0 <= source_w < width:  # outside: zero padding
+                    # outside: zero padding
+                    if 0 <= source_h < height and 0 <= source_w < width:
                         y[:, h, w, :] += x[:, source_h, source_w, :] @ kernel[i, j]
     return y if bias is None else y + bias
 
@@ -120,25 +150,32 @@ BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 
 
 def blur_filter(taps=BLUR_TAPS):
-    "The separable 2-D low-pass filter outer(taps, taps) normalised to sum 1: [4, 4] for the default taps."
+    """The separable 2-D low-pass filter outer(taps, taps) normalised to sum 1: [4, 4]
+    for the default taps."""
     taps = np.asarray(taps, np.float64)
     kernel = np.outer(taps, taps)
     return kernel / kernel.sum()
 
 
 def check_even(x_shape, name: str = "x"):
-    "Raise `ValueError` unless x [B, H, W, C] has an even height and width (stride-2 downsampling)."
+    """Raise `ValueError` unless x [B, H, W, C] has an even height and width
+    (stride-2 downsampling)."""
     check_rank(x_shape, 4, name, "[B, H, W, C]")
     if x_shape[1] % 2 or x_shape[2] % 2:
-        raise ValueError(f"downsampling by 2 needs an even height and width, got height={x_shape[1]}, width={x_shape[2]}")
+        raise ValueError(
+            "downsampling by 2 needs an even height and width, got "
+            f"height={x_shape[1]}, width={x_shape[2]}"
+        )
 
 
 def blur_pool(x):
-    "[1, 3, 3, 1]⊗[1, 3, 3, 1]/64 blur, stride 2, one zero pixel of padding per side: [B, H, W, C] -> [B, H/2, W/2, C]."
+    """[1, 3, 3, 1]⊗[1, 3, 3, 1]/64 blur, stride 2, one zero pixel of padding per side:
+    [B, H, W, C] -> [B, H/2, W/2, C]."""
     check_even(x.shape)
     f = blur_filter().astype(x.dtype)  # [4, 4]
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H+2, W+2, C]
-    windows = sliding_window_view(padded, (4, 4), axis=(1, 2))[:, ::2, ::2]  # [B, H/2, W/2, C, 4, 4]
+    # [B, H/2, W/2, C, 4, 4]
+    windows = sliding_window_view(padded, (4, 4), axis=(1, 2))[:, ::2, ::2]
     return np.einsum("bhwcij,ij->bhwc", windows, f)
 
 
@@ -153,7 +190,9 @@ def blur_pool_loops(x):
                 for j in range(4):
                     source_h, source_w = 2 * h + i - 1, 2 * w + j - 1
                     if 0 <= source_h < height and 0 <= source_w < width:
-                        y[:, h, w, :] += (f[i, j] * x[:, source_h, source_w, :]).astype(x.dtype)
+                        y[:, h, w, :] += (f[i, j] * x[:, source_h, source_w, :]).astype(
+                            x.dtype
+                        )
     return y
 
 
@@ -161,7 +200,8 @@ def avg_pool(x):
     "2×2 average pooling, stride 2: [B, H, W, C] -> [B, H/2, W/2, C]."
     check_even(x.shape)
     batch, height, width, channels = x.shape
-    x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)  # [B, H/2, dy, W/2, dx, C]
+    # [B, H/2, dy, W/2, dx, C]
+    x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
     return x.mean(axis=(2, 4))
 
 
@@ -171,13 +211,18 @@ def avg_pool_loops(x):
     y = np.zeros((batch, height // 2, width // 2, channels), x.dtype)
     for h in range(height // 2):
         for w in range(width // 2):
-            y[:, h, w, :] = (x[:, 2 * h, 2 * w] + x[:, 2 * h, 2 * w + 1] + x[:, 2 * h + 1, 2 * w]
-                             + x[:, 2 * h + 1, 2 * w + 1]) / 4
+            y[:, h, w, :] = (
+                x[:, 2 * h, 2 * w]
+                + x[:, 2 * h, 2 * w + 1]
+                + x[:, 2 * h + 1, 2 * w]
+                + x[:, 2 * h + 1, 2 * w + 1]
+            ) / 4
     return y
 
 
 def downsample(x, kind: str = "blur"):
-    "Halve the resolution with the blur pool ('blur') or 2×2 average pooling ('avg'): [B, H, W, C] -> [B, H/2, W/2, C]."
+    """Halve the resolution with the blur pool ('blur') or 2×2 average pooling ('avg'):
+    [B, H, W, C] -> [B, H/2, W/2, C]."""
     if kind == "blur":
         return blur_pool(x)
     if kind == "avg":
@@ -186,7 +231,8 @@ def downsample(x, kind: str = "blur"):
 
 # %% ../../notebooks/09a_discriminator_numpy.ipynb #bd78a8e3
 def leaky_relu(x, negative_slope: float = 0.2):
-    "max(x, slope·x) elementwise: LeakyReLU(0.2) after every convolution and hidden dense layer."
+    """max(x, slope·x) elementwise: LeakyReLU(0.2) after every convolution and hidden
+    dense layer."""
     return np.where(x >= 0, x, negative_slope * x).astype(x.dtype)
 
 
@@ -198,39 +244,51 @@ def dense(x, params):
 def residual_block(x, params, downsample_kind: str = "blur"):
     """A ResNet block of the discriminator: [B, r, r, C_r] -> [B, r/2, r/2, C_{r/2}].
 
-    params: {"conv1": {"kernel": [3, 3, C_r, C_r], "bias": [C_r]}, "conv2": {"kernel": [3, 3, C_r, C_next],
-    "bias": [C_next]}, "skip": {"kernel": [1, 1, C_r, C_next]}}.
+    params: {"conv1": {"kernel": [3, 3, C_r, C_r], "bias": [C_r]}, "conv2": {"kernel":
+    [3, 3, C_r, C_next], "bias": [C_next]}, "skip": {"kernel": [1, 1, C_r, C_next]}}.
     """
-    y = leaky_relu(conv2d(x, params["conv1"]["kernel"], params["conv1"]["bias"]))  # [B, r, r, C_r]
+    # [B, r, r, C_r]
+    y = leaky_relu(conv2d(x, params["conv1"]["kernel"], params["conv1"]["bias"]))
     y = downsample(y, downsample_kind)  # [B, r/2, r/2, C_r]
-    y = leaky_relu(conv2d(y, params["conv2"]["kernel"], params["conv2"]["bias"]))  # [B, r/2, r/2, C_next]
-    skip = conv2d(downsample(x, downsample_kind), params["skip"]["kernel"])  # [B, r/2, r/2, C_next]
+    # [B, r/2, r/2, C_next]
+    y = leaky_relu(conv2d(y, params["conv2"]["kernel"], params["conv2"]["bias"]))
+    # [B, r/2, r/2, C_next]
+    skip = conv2d(downsample(x, downsample_kind), params["skip"]["kernel"])
     return (y + skip) / math.sqrt(2.0)
 
 # %% ../../notebooks/09a_discriminator_numpy.ipynb #7f646a69
 def check_minibatch_std(x_shape, group_size: int):
-    "Raise `ValueError` unless the batch of x [B, H, W, C] splits into groups of min(group_size, B)."
+    """Raise `ValueError` unless the batch of x [B, H, W, C] splits into groups of
+    min(group_size, B)."""
     check_rank(x_shape, 4, "x", "[B, H, W, C]")
     group = min(group_size, x_shape[0])
     if x_shape[0] % group:
-        raise ValueError(f"minibatch stddev: batch size {x_shape[0]} is not divisible by the group size {group}")
+        raise ValueError(
+            f"minibatch stddev: batch size {x_shape[0]} is not divisible by the group "
+            f"size {group}"
+        )
     return group
 
 
 def minibatch_stddev(x, group_size: int = 4, epsilon: float = 1e-8):
-    "Append the group's mean feature standard deviation as a channel: [B, H, W, C] -> [B, H, W, C + 1]."
+    """Append the group's mean feature standard deviation as a channel: [B, H, W, C] ->
+    [B, H, W, C + 1]."""
     group = check_minibatch_std(x.shape, group_size)
     batch, height, width, channels = x.shape
-    y = x.reshape(group, batch // group, height, width, channels)  # [G, M, H, W, C]; image b = g·M + m
+    # [G, M, H, W, C]; image b = g·M + m
+    y = x.reshape(group, batch // group, height, width, channels)
     std = np.sqrt(np.mean((y - y.mean(axis=0)) ** 2, axis=0) + epsilon)  # [M, H, W, C]
     stat = std.mean(axis=(1, 2, 3))  # [M]
     stat = np.tile(stat, group)  # [B]: image b gets its group's statistic stat[b mod M]
-    feature = np.broadcast_to(stat[:, None, None, None], (batch, height, width, 1)).astype(x.dtype)
+    feature = np.broadcast_to(
+        stat[:, None, None, None], (batch, height, width, 1)
+    ).astype(x.dtype)
     return np.concatenate([x, feature], axis=-1)
 
 
 def minibatch_stddev_loops(x, group_size: int = 4, epsilon: float = 1e-8):
-    "Naive `minibatch_stddev`: for each image, gather its group by index and compute the statistic directly."
+    """Naive `minibatch_stddev`: for each image, gather its group by index and compute
+    the statistic directly."""
     batch = x.shape[0]
     group = min(group_size, batch)
     groups_count = batch // group
@@ -245,11 +303,13 @@ def minibatch_stddev_loops(x, group_size: int = 4, epsilon: float = 1e-8):
     return out
 
 # %% ../../notebooks/09a_discriminator_numpy.ipynb #a2ae897d
-_TRUNCATED_STD = 0.87962566103423978  # standard deviation of a unit normal truncated to [-2, 2]
+# standard deviation of a unit normal truncated to [-2, 2]
+_TRUNCATED_STD = 0.87962566103423978
 
 
 def variance_scaling(rng, shape, scale: float = 2.0):
-    "Truncated normal with variance scale / fan_in (fan_in = prod(shape[:-1])), as Flax's variance_scaling(fan_in)."
+    """Truncated normal with variance scale / fan_in (fan_in = prod(shape[:-1])), as
+    Flax's variance_scaling(fan_in)."""
     fan_in = int(np.prod(shape[:-1]))
     values = rng.standard_normal(shape)
     while np.any(np.abs(values) > 2):
@@ -264,7 +324,9 @@ def _bias(rng, size, bias_std):
 
 def init_conv(rng, kernel_size, c_in, c_out, scale=2.0, use_bias=True, bias_std=0.0):
     "{'kernel': [k, k, C_in, C_out]} plus {'bias': [C_out]} when `use_bias`."
-    params = {"kernel": variance_scaling(rng, (kernel_size, kernel_size, c_in, c_out), scale)}
+    params = {
+        "kernel": variance_scaling(rng, (kernel_size, kernel_size, c_in, c_out), scale)
+    }
     if use_bias:
         params["bias"] = _bias(rng, c_out, bias_std)
     return params
@@ -272,25 +334,47 @@ def init_conv(rng, kernel_size, c_in, c_out, scale=2.0, use_bias=True, bias_std=
 
 def init_dense(rng, c_in, c_out, scale=2.0, bias_std=0.0):
     "{'kernel': [C_in, C_out], 'bias': [C_out]}."
-    return {"kernel": variance_scaling(rng, (c_in, c_out), scale), "bias": _bias(rng, c_out, bias_std)}
+    return {
+        "kernel": variance_scaling(rng, (c_in, c_out), scale),
+        "bias": _bias(rng, c_out, bias_std),
+    }
 
 
-def init_discriminator_params(rng, resolution, channel_multiplier: int = 1, *, max_channels: int = 512,
-                              minibatch_std: bool = False, bias_std: float = 0.0):
-    "The discriminator's parameter tree (see above) as float32 NumPy arrays; `rng` is a `np.random.Generator`."
-    config = DiscriminatorConfig(resolution, channel_multiplier, minibatch_std=minibatch_std, max_channels=max_channels)
+def init_discriminator_params(
+    rng,
+    resolution,
+    channel_multiplier: int = 1,
+    *,
+    max_channels: int = 512,
+    minibatch_std: bool = False,
+    bias_std: float = 0.0,
+):
+    """The discriminator's parameter tree (see above) as float32 NumPy arrays; `rng` is
+    a `np.random.Generator`."""
+    config = DiscriminatorConfig(
+        resolution,
+        channel_multiplier,
+        minibatch_std=minibatch_std,
+        max_channels=max_channels,
+    )
     widths = config.widths  # [C_R, ..., C_4]
-    blocks = [{"conv1": init_conv(rng, 3, c, c, bias_std=bias_std),
-               "conv2": init_conv(rng, 3, c, c_next, bias_std=bias_std),
-               "skip": init_conv(rng, 1, c, c_next, scale=1.0, use_bias=False)}
-              for c, c_next in zip(widths[:-1], widths[1:])]
+    blocks = [
+        {
+            "conv1": init_conv(rng, 3, c, c, bias_std=bias_std),
+            "conv2": init_conv(rng, 3, c, c_next, bias_std=bias_std),
+            "skip": init_conv(rng, 1, c, c_next, scale=1.0, use_bias=False),
+        }
+        for c, c_next in zip(widths[:-1], widths[1:])
+    ]
     c4 = widths[-1]
     return {
         "from_rgb": init_conv(rng, 3, 3, widths[0], bias_std=bias_std),
         "blocks": blocks,
-        "head": {"conv": init_conv(rng, 3, c4 + int(minibatch_std), c4, bias_std=bias_std),
-                 "dense": init_dense(rng, 16 * c4, c4, bias_std=bias_std),
-                 "out": init_dense(rng, c4, 1, scale=1.0, bias_std=bias_std)},
+        "head": {
+            "conv": init_conv(rng, 3, c4 + int(minibatch_std), c4, bias_std=bias_std),
+            "dense": init_dense(rng, 16 * c4, c4, bias_std=bias_std),
+            "out": init_dense(rng, c4, 1, scale=1.0, bias_std=bias_std),
+        },
     }
 
 
@@ -308,15 +392,19 @@ def check_images(images_shape, resolution: int):
     check_rank(images_shape, 4, "images", "[B, H, W, 3]")
     _, height, width, channels = images_shape
     if (height, width, channels) != (resolution, resolution, 3):
-        raise ValueError(f"images must have shape [B, {resolution}, {resolution}, 3] for resolution={resolution}, "
-                         f"got {tuple(images_shape)}")
+        raise ValueError(
+            f"images must have shape [B, {resolution}, {resolution}, 3] for "
+            f"resolution={resolution}, got {tuple(images_shape)}"
+        )
 
 
 def discriminator_head(x, params, config: DiscriminatorConfig):
-    "[B, 4, 4, C_4] -> logits [B]: (minibatch stddev), 3×3 conv, LeakyReLU, flatten, dense, LeakyReLU, dense to 1."
+    """[B, 4, 4, C_4] -> logits [B]: (minibatch stddev), 3×3 conv, LeakyReLU, flatten,
+    dense, LeakyReLU, dense to 1."""
     if config.minibatch_std:
         x = minibatch_stddev(x, config.mbstd_group_size)  # [B, 4, 4, C_4 + 1]
-    x = leaky_relu(conv2d(x, params["conv"]["kernel"], params["conv"]["bias"]))  # [B, 4, 4, C_4]
+    # [B, 4, 4, C_4]
+    x = leaky_relu(conv2d(x, params["conv"]["kernel"], params["conv"]["bias"]))
     x = x.reshape(x.shape[0], -1)  # [B, 16·C_4], (h, w, c) order
     x = leaky_relu(dense(x, params["dense"]))  # [B, C_4]
     return dense(x, params["out"])[:, 0]  # [B]
@@ -327,18 +415,24 @@ def discriminator(params, images, config: DiscriminatorConfig):
     check_images(images.shape, config.resolution)
     if config.minibatch_std:
         check_minibatch_std((images.shape[0], 4, 4, 1), config.mbstd_group_size)
-    x = leaky_relu(conv2d(images, params["from_rgb"]["kernel"], params["from_rgb"]["bias"]))  # [B, R, R, C_R]
+    # [B, R, R, C_R]
+    x = leaky_relu(
+        conv2d(images, params["from_rgb"]["kernel"], params["from_rgb"]["bias"])
+    )
     for block_params in params["blocks"]:
-        x = residual_block(x, block_params, config.downsample)  # [B, r, r, C_r] -> [B, r/2, r/2, C_{r/2}]
+        # [B, r, r, C_r] -> [B, r/2, r/2, C_{r/2}]
+        x = residual_block(x, block_params, config.downsample)
     return discriminator_head(x, params["head"], config)  # [B]
 
 # %% ../../notebooks/09a_discriminator_numpy.ipynb #e7ff8ce6
 def parameter_count(config: DiscriminatorConfig) -> int:
-    "Number of parameters of `init_discriminator_params` for `config`, by arithmetic on the shapes (nothing allocated)."
+    """Number of parameters of `init_discriminator_params` for `config`, by arithmetic
+    on the shapes (nothing allocated)."""
     widths = config.widths
     total = 3 * 3 * 3 * widths[0] + widths[0]  # from-RGB
     for c, c_next in zip(widths[:-1], widths[1:]):
-        total += (9 * c * c + c) + (9 * c * c_next + c_next) + c * c_next  # conv1, conv2, skip (no bias)
+        # conv1, conv2, skip (no bias)
+        total += (9 * c * c + c) + (9 * c * c_next + c_next) + c * c_next
     c4 = widths[-1]
     total += 9 * (c4 + int(config.minibatch_std)) * c4 + c4  # head conv
     total += 16 * c4 * c4 + c4 + c4 + 1  # dense, out

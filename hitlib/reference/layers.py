@@ -19,7 +19,8 @@ from .blocking import check_rank, pixel_shuffle, upsample_nearest
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #d775df9b
 NORM_KINDS = ("batch", "layer")
-DEFAULT_EPS = {"batch": 1e-3, "layer": 1e-6}  # Keras' BatchNormalization default; the release's LayerNorm epsilon
+# Keras' BatchNormalization default; the release's LayerNorm epsilon
+DEFAULT_EPS = {"batch": 1e-3, "layer": 1e-6}
 
 
 def _shape(leaf):
@@ -28,37 +29,53 @@ def _shape(leaf):
 
 
 def _require(params, keys, name):
-    "Raise `ValueError` unless `params` is a dict holding every key in `keys`; `name` is how the message calls it."
+    """Raise `ValueError` unless `params` is a dict holding every key in `keys`; `name`
+    is how the message calls it."""
     if not isinstance(params, dict):
-        raise ValueError(f"{name} must be a dict with keys {list(keys)}, got {type(params).__name__}")
+        raise ValueError(
+            f"{name} must be a dict with keys {list(keys)}, got {type(params).__name__}"
+        )
     for key in keys:
         if key not in params:
             raise ValueError(f"{name} has no {key!r} (keys: {sorted(params)})")
 
 
 def check_dense(x_shape, params, name="params"):
-    "Raise `ValueError` unless `params` = {kernel [C_in, C_out], bias [C_out]} applies to x [..., C_in]. Returns C_out."
+    """Raise `ValueError` unless `params` = {kernel [C_in, C_out], bias [C_out]} applies
+    to x [..., C_in]. Returns C_out."""
     _require(params, ("kernel", "bias"), name)
     kernel, bias = _shape(params["kernel"]), _shape(params["bias"])
     if len(kernel) != 2:
-        raise ValueError(f"{name}['kernel'] must have shape [C_in, C_out], got {kernel}")
+        raise ValueError(
+            f"{name}['kernel'] must have shape [C_in, C_out], got {kernel}"
+        )
     if bias != (kernel[1],):
-        raise ValueError(f"{name}['bias'] has shape {bias}, expected ({kernel[1]},) to match {name}['kernel'] {kernel}")
+        raise ValueError(
+            f"{name}['bias'] has shape {bias}, expected ({kernel[1]},) to match "
+            f"{name}['kernel'] {kernel}"
+        )
     if len(x_shape) < 1 or x_shape[-1] != kernel[0]:
-        raise ValueError(f"x has shape {tuple(x_shape)} but {name}['kernel'] {kernel} needs x [..., {kernel[0]}]")
+        raise ValueError(
+            f"x has shape {tuple(x_shape)} but {name}['kernel'] {kernel} needs x [..., "
+            f"{kernel[0]}]"
+        )
     return kernel[1]
 
 
 def check_norm_kind(kind, name="kind"):
-    "Raise `ValueError` unless `kind` is 'batch' or 'layer'; `name` is the argument's name in the caller."
+    """Raise `ValueError` unless `kind` is 'batch' or 'layer'; `name` is the argument's
+    name in the caller."""
     if kind not in NORM_KINDS:
         raise ValueError(f"{name} must be 'batch' or 'layer', got {kind!r}")
 
 
 def check_rank_at_least(x_shape, rank: int, name: str, layout: str):
-    "Raise `ValueError` unless `x_shape` has at least `rank` dimensions; `layout` goes in the message."
+    """Raise `ValueError` unless `x_shape` has at least `rank` dimensions; `layout` goes
+    in the message."""
     if len(x_shape) < rank:
-        raise ValueError(f"{name} must have rank >= {rank} {layout}, got shape {tuple(x_shape)}")
+        raise ValueError(
+            f"{name} must have rank >= {rank} {layout}, got shape {tuple(x_shape)}"
+        )
 
 
 def check_eps(eps):
@@ -68,26 +85,36 @@ def check_eps(eps):
 
 
 def check_norm(x_shape, params, kind, name="params", kind_name="kind"):
-    """Raise `ValueError` unless a `kind` norm with `params` applies to x [..., C] (batch norm: x [B, ..., C], rank >= 2).
+    """Raise `ValueError` unless a `kind` norm with `params` applies to x [..., C]
+    (batch norm: x [B, ..., C], rank >= 2).
 
-    Layer norm needs {scale, bias} [C]; batch norm also {mean, var} [C] (its running statistics).
+    Layer norm needs {scale, bias} [C]; batch norm also {mean, var} [C]
+    (its running statistics).
     """
     check_norm_kind(kind, kind_name)
     keys = ("scale", "bias") if kind == "layer" else ("scale", "bias", "mean", "var")
     _require(params, keys, name)
     if set(params) != set(keys):
-        raise ValueError(f"{name} has keys {sorted(params)}, but {kind} norm takes exactly {list(keys)} "
-                         f"(parameters of the other norm kind?)")
+        raise ValueError(
+            f"{name} has keys {sorted(params)}, but {kind} norm takes exactly "
+            f"{list(keys)} (parameters of the other norm kind?)"
+        )
     if kind == "batch" and len(x_shape) < 2:
-        raise ValueError(f"batch norm needs x of rank >= 2 [B, ..., C] (it averages over all axes but the last), "
-                         f"got shape {tuple(x_shape)}")
+        raise ValueError(
+            "batch norm needs x of rank >= 2 [B, ..., C] (it averages over all axes "
+            f"but the last), got shape {tuple(x_shape)}"
+        )
     if len(x_shape) < 1:
-        raise ValueError(f"x must have a channel axis [..., C], got shape {tuple(x_shape)}")
+        raise ValueError(
+            f"x must have a channel axis [..., C], got shape {tuple(x_shape)}"
+        )
     width = x_shape[-1]
     for key in keys:
         if _shape(params[key]) != (width,):
-            raise ValueError(f"{name}[{key!r}] has shape {_shape(params[key])}, expected ({width},) "
-                             f"for x of shape {tuple(x_shape)} (width C={width})")
+            raise ValueError(
+                f"{name}[{key!r}] has shape {_shape(params[key])}, expected ({width},) "
+                f"for x of shape {tuple(x_shape)} (width C={width})"
+            )
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #f685ee15
 def dense(x, params):
@@ -96,11 +123,13 @@ def dense(x, params):
     x: [..., C_in]; params {"kernel": [C_in, C_out], "bias": [C_out]} -> [..., C_out].
     """
     check_dense(np.shape(x), params)
-    return x @ params["kernel"] + params["bias"]  # [..., C_in] @ [C_in, C_out] -> [..., C_out]
+    # [..., C_in] @ [C_in, C_out] -> [..., C_out]
+    return x @ params["kernel"] + params["bias"]
 
 
 def dense_loops(x, params):
-    "Naive `dense`: for every token and every output channel, a Python sum over the input channels (float64)."
+    """Naive `dense`: for every token and every output channel, a Python sum over the
+    input channels (float64)."""
     x = np.asarray(x, np.float64)
     kernel = np.asarray(params["kernel"], np.float64)
     bias = np.asarray(params["bias"], np.float64)
@@ -108,18 +137,21 @@ def dense_loops(x, params):
     out = np.zeros(x.shape[:-1] + (c_out,))
     for token in np.ndindex(x.shape[:-1]):
         for o in range(c_out):
-            out[token + (o,)] = sum(float(x[token + (i,)]) * float(kernel[i, o]) for i in range(c_in)) + float(bias[o])
+            out[token + (o,)] = sum(
+                float(x[token + (i,)]) * float(kernel[i, o]) for i in range(c_in)
+            ) + float(bias[o])
     return out
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #f976aa25
 def gelu(x):
-    "Exact GELU, x·Φ(x) = ½x(1 + erf(x/√2)), computed as ½x·erfc(-x/√2) (no cancellation for x < 0). Any shape."
+    """Exact GELU, x·Φ(x) = ½x(1 + erf(x/√2)), computed as ½x·erfc(-x/√2)
+    (no cancellation for x < 0). Any shape."""
     return 0.5 * x * special.erfc(-x * (1.0 / math.sqrt(2.0)))
 
 
 def gelu_tanh(x):
-    """The tanh approximation of GELU, ½x(1 + tanh(u)) with u = √(2/π)(x + 0.044715 x³), computed as x·σ(2u)
-    (1 + tanh(u) = 2σ(2u): no cancellation for x < 0). Any shape."""
+    """The tanh approximation of GELU, ½x(1 + tanh(u)) with u = √(2/π)(x + 0.044715 x³),
+    computed as x·σ(2u) (1 + tanh(u) = 2σ(2u): no cancellation for x < 0). Any shape."""
     u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
     return x * special.expit(2.0 * u)
 
@@ -135,19 +167,23 @@ def gelu_loops(x):
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #e9da0126
 def layer_norm(x, params, eps: float = 1e-6):
-    """Layer normalisation over the last axis (Ba et al. 2016): (x - mean) / sqrt(var + eps) * scale + bias per token.
+    """Layer normalisation over the last axis (Ba et al. 2016):
+    (x - mean) / sqrt(var + eps) * scale + bias per token.
 
-    x: [..., C]; params {"scale": [C], "bias": [C]} -> [..., C]. Biased variance, as Keras and Flax.
+    x: [..., C]; params {"scale": [C], "bias": [C]} -> [..., C]. Biased variance, as
+    Keras and Flax.
     """
     check_eps(eps)
     check_norm(np.shape(x), params, "layer")
     mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
-    var = np.square(x - mean).mean(axis=-1, keepdims=True)  # [..., 1], two-pass (no E[x²] - E[x]² cancellation)
+    # [..., 1], two-pass (no E[x²] - E[x]² cancellation)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)
     return (x - mean) / np.sqrt(var + eps) * params["scale"] + params["bias"]
 
 
 def batch_moments(x):
-    "Per-channel mean and biased variance over all axes but the last: x [B, ..., C] -> (mean [C], var [C])."
+    """Per-channel mean and biased variance over all axes but the last: x [B, ..., C] ->
+    (mean [C], var [C])."""
     check_rank_at_least(np.shape(x), 2, "x", "[B, ..., C]")
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axis=axes)  # [C]
@@ -159,9 +195,11 @@ def batch_norm(x, params, eps: float = 1e-3, use_running_average: bool = False):
     """Batch normalisation (Ioffe & Szegedy 2015) over all axes but the last.
 
     x: [B, ..., C]; params {"scale", "bias", "mean", "var"}, each [C] -> [B, ..., C].
-    Training mode (`use_running_average=False`) normalises with `batch_moments(x)`; inference mode with params' running
-    `mean` and `var`. This function never updates the running averages: the Flax module does (chapter 7), with
-    `batch_norm_running_update` (below) of the same input, whose variance is the unbiased one, as Keras'.
+    Training mode (`use_running_average=False`) normalises with `batch_moments(x)`;
+    inference mode with params' running `mean` and `var`. This function never updates
+    the running averages: the Flax module does (chapter 7), with
+    `batch_norm_running_update` (below) of the same input, whose variance is the
+    unbiased one, as Keras'.
     """
     check_eps(eps)
     check_norm(np.shape(x), params, "batch")
@@ -174,9 +212,11 @@ def batch_norm(x, params, eps: float = 1e-3, use_running_average: bool = False):
 
 
 def normalize(x, params, kind: str, eps=None, use_running_average: bool = False):
-    """`batch_norm` or `layer_norm` by name (`kind` = 'batch' or 'layer'); `eps` defaults to 1e-3 (batch), 1e-6 (layer).
+    """`batch_norm` or `layer_norm` by name (`kind` = 'batch' or 'layer'); `eps`
+    defaults to 1e-3 (batch), 1e-6 (layer).
 
-    x: [..., C] (batch norm: [B, ..., C]) -> the same shape. `use_running_average` matters for batch norm only.
+    x: [..., C] (batch norm: [B, ..., C]) -> the same shape. `use_running_average`
+    matters for batch norm only.
     """
     check_norm_kind(kind)
     eps = DEFAULT_EPS[kind] if eps is None else eps
@@ -186,7 +226,8 @@ def normalize(x, params, kind: str, eps=None, use_running_average: bool = False)
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #64807add
 def layer_norm_loops(x, params, eps: float = 1e-6):
-    "Naive `layer_norm`: for each token, its mean and variance over the channels as Python sums (float64)."
+    """Naive `layer_norm`: for each token, its mean and variance over the channels as
+    Python sums (float64)."""
     x = np.asarray(x, np.float64)
     out = np.zeros(x.shape)
     width = x.shape[-1]
@@ -195,12 +236,15 @@ def layer_norm_loops(x, params, eps: float = 1e-6):
         mean = sum(row) / width
         var = sum((v - mean) ** 2 for v in row) / width
         for c in range(width):
-            out[token + (c,)] = (row[c] - mean) / math.sqrt(var + eps) * float(params["scale"][c]) + float(params["bias"][c])
+            out[token + (c,)] = (row[c] - mean) / math.sqrt(var + eps) * float(
+                params["scale"][c]
+            ) + float(params["bias"][c])
     return out
 
 
 def batch_norm_loops(x, params, eps: float = 1e-3, use_running_average: bool = False):
-    "Naive `batch_norm`: for each channel, its mean and variance over every token of the batch as Python sums (float64)."
+    """Naive `batch_norm`: for each channel, its mean and variance over every token of
+    the batch as Python sums (float64)."""
     x = np.asarray(x, np.float64)
     out = np.zeros(x.shape)
     tokens = list(np.ndindex(x.shape[:-1]))
@@ -212,27 +256,39 @@ def batch_norm_loops(x, params, eps: float = 1e-3, use_running_average: bool = F
             mean = sum(column) / len(column)
             var = sum((v - mean) ** 2 for v in column) / len(column)
         for token, v in zip(tokens, column):
-            out[token + (c,)] = (v - mean) / math.sqrt(var + eps) * float(params["scale"][c]) + float(params["bias"][c])
+            out[token + (c,)] = (v - mean) / math.sqrt(var + eps) * float(
+                params["scale"][c]
+            ) + float(params["bias"][c])
     return out
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #e0289765
 def init_dense(rng, c_in: int, c_out: int, bias_std: float = 0.0):
-    "Dense parameters {kernel [C_in, C_out] truncated normal stddev 0.02, bias [C_out] N(0, bias_std²)}, float32."
-    return {"kernel": truncated_normal(rng, (c_in, c_out), 0.02),
-            "bias": (bias_std * rng.standard_normal(c_out)).astype(np.float32)}
+    """Dense parameters {kernel [C_in, C_out] truncated normal stddev 0.02, bias [C_out]
+    N(0, bias_std²)}, float32."""
+    return {
+        "kernel": truncated_normal(rng, (c_in, c_out), 0.02),
+        "bias": (bias_std * rng.standard_normal(c_out)).astype(np.float32),
+    }
 
 
 def init_norm(rng, width: int, kind: str, random: bool = False):
-    """Norm parameters for `kind` ('batch' or 'layer'): {scale, bias} [C], plus running {mean, var} [C] for batch norm.
+    """Norm parameters for `kind` ('batch' or 'layer'): {scale, bias} [C], plus running
+    {mean, var} [C] for batch norm.
 
-    Identity by default (scale 1, bias 0, mean 0, var 1); `random=True` draws scale ~ 1 + N(0, 0.2²), bias and mean
-    ~ N(0, 0.5²), var ~ U(0.5, 2) (positive), for tests.
+    Identity by default (scale 1, bias 0, mean 0, var 1); `random=True` draws
+    scale ~ 1 + N(0, 0.2²), bias and mean ~ N(0, 0.5²), var ~ U(0.5, 2) (positive), for
+    tests.
     """
     check_norm_kind(kind)
     if random:
-        params = {"scale": 1 + 0.2 * rng.standard_normal(width), "bias": 0.5 * rng.standard_normal(width)}
+        params = {
+            "scale": 1 + 0.2 * rng.standard_normal(width),
+            "bias": 0.5 * rng.standard_normal(width),
+        }
         if kind == "batch":
-            params.update(mean=0.5 * rng.standard_normal(width), var=rng.uniform(0.5, 2.0, width))
+            params.update(
+                mean=0.5 * rng.standard_normal(width), var=rng.uniform(0.5, 2.0, width)
+            )
     else:
         params = {"scale": np.ones(width), "bias": np.zeros(width)}
         if kind == "batch":
@@ -242,16 +298,19 @@ def init_norm(rng, width: int, kind: str, random: bool = False):
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #b7c4e2a2
 def check_momentum(momentum):
     "Raise `ValueError` unless `momentum` is a number in [0, 1]."
-    number = isinstance(momentum, (int, float, np.floating)) and not isinstance(momentum, bool)
+    number = isinstance(momentum, (int, float, np.floating)) and not isinstance(
+        momentum, bool
+    )
     if not number or not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
 
 
 def check_running_update(x_shape, running, momentum, name="running"):
-    """Raise `ValueError` unless `running` holds {mean, var} [C] for x [B, ..., C], n >= 2 values per channel.
+    """Raise `ValueError` unless `running` holds {mean, var} [C] for x [B, ..., C],
+    n >= 2 values per channel.
 
-    Returns n = B·... (the product of all axes but the last). Extra keys in `running` (a batch norm's scale
-    and bias) are allowed and ignored.
+    Returns n = B·... (the product of all axes but the last). Extra keys in `running`
+    (a batch norm's scale and bias) are allowed and ignored.
     """
     check_momentum(momentum)
     check_rank_at_least(x_shape, 2, "x", "[B, ..., C]")
@@ -259,33 +318,44 @@ def check_running_update(x_shape, running, momentum, name="running"):
     width = x_shape[-1]
     for key in ("mean", "var"):
         if _shape(running[key]) != (width,):
-            raise ValueError(f"{name}[{key!r}] has shape {_shape(running[key])}, expected ({width},) "
-                             f"for x of shape {tuple(x_shape)} (width C={width})")
+            raise ValueError(
+                f"{name}[{key!r}] has shape {_shape(running[key])}, expected "
+                f"({width},) for x of shape {tuple(x_shape)} (width C={width})"
+            )
     n = math.prod(x_shape[:-1])
     if n < 2:
-        raise ValueError(f"x has shape {tuple(x_shape)}: n = {n} value per channel, but the unbiased "
-                         "variance n/(n-1)·var needs n >= 2 (more images or positions)")
+        raise ValueError(
+            f"x has shape {tuple(x_shape)}: n = {n} value per channel, but the "
+            "unbiased variance n/(n-1)·var needs n >= 2 (more images or positions)"
+        )
     return n
 
 
 def batch_norm_running_update(x, running, momentum: float = 0.99):
-    """The running statistics after one training-mode batch norm of x, as Keras' `BatchNormalization`.
+    """The running statistics after one training-mode batch norm of x, as Keras'
+    `BatchNormalization`.
 
-    x: [B, ..., C]; running {"mean": [C], "var": [C]} (a batch norm's params will do)
-    -> new {"mean", "var"} [C]: momentum·old + (1 - momentum)·batch statistic, with the batch's mean and its
-    unbiased variance var·n/(n - 1), n = B·... values per channel. (The normalisation itself uses the biased
-    `batch_moments`.)
+    x: [B, ..., C]; running {"mean": [C], "var": [C]} (a batch norm's params will do) ->
+    new {"mean", "var"} [C]: momentum·old + (1 - momentum)·batch statistic, with the
+    batch's mean and its unbiased variance var·n/(n - 1), n = B·... values per channel.
+    (The normalisation itself uses the biased `batch_moments`.)
     """
     n = check_running_update(np.shape(x), running, momentum)
     mean, var = batch_moments(x)  # [C] each; var biased (divided by n)
     unbiased = var * (n / (n - 1))  # [C], Bessel's correction
-    old = {key: np.asarray(running[key], np.result_type(running[key], var)) for key in ("mean", "var")}
-    return {"mean": momentum * old["mean"] + (1 - momentum) * mean,
-            "var": momentum * old["var"] + (1 - momentum) * unbiased}
+    old = {
+        key: np.asarray(running[key], np.result_type(running[key], var))
+        for key in ("mean", "var")
+    }
+    return {
+        "mean": momentum * old["mean"] + (1 - momentum) * mean,
+        "var": momentum * old["var"] + (1 - momentum) * unbiased,
+    }
 
 
 def batch_norm_running_update_loops(x, running, momentum: float = 0.99):
-    "Naive `batch_norm_running_update`: per channel, Python sums, the variance divided by n - 1 (float64)."
+    """Naive `batch_norm_running_update`: per channel, Python sums, the variance divided
+    by n - 1 (float64)."""
     n = check_running_update(np.shape(x), running, momentum)
     x = np.asarray(x, np.float64)
     tokens = list(np.ndindex(x.shape[:-1]))
@@ -300,30 +370,39 @@ def batch_norm_running_update_loops(x, running, momentum: float = 0.99):
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #041df80e
 def check_mlp_block(x_shape, params, norm):
-    "Raise `ValueError` unless `params` = {norm, hidden [C, D], output [D, C]} of a `norm` MLP block fits x [..., C]."
+    """Raise `ValueError` unless `params` = {norm, hidden [C, D], output [D, C]} of a
+    `norm` MLP block fits x [..., C]."""
     _require(params, ("norm", "hidden", "output"), "params")
     check_norm(x_shape, params["norm"], norm, name="params['norm']", kind_name="norm")
     hidden_width = check_dense(x_shape, params["hidden"], "params['hidden']")
-    out_width = check_dense(tuple(x_shape[:-1]) + (hidden_width,), params["output"], "params['output']")
+    out_width = check_dense(
+        tuple(x_shape[:-1]) + (hidden_width,), params["output"], "params['output']"
+    )
     if out_width != x_shape[-1]:
-        raise ValueError(f"params['output'] maps to width {out_width}, but the residual needs the input width "
-                         f"{x_shape[-1]} (x shape {tuple(x_shape)})")
+        raise ValueError(
+            f"params['output'] maps to width {out_width}, but the residual needs the "
+            f"input width {x_shape[-1]} (x shape {tuple(x_shape)})"
+        )
 
 
 def mlp_block(x, params, norm: str = "batch", use_running_average: bool = False):
-    """Pre-norm residual MLP block: x + Dense_C(GELU(Dense_D(norm(x)))), D = 4C in HiT (Algorithm 1's `MLP`).
+    """Pre-norm residual MLP block: x + Dense_C(GELU(Dense_D(norm(x)))), D = 4C in HiT
+    (Algorithm 1's `MLP`).
 
-    x: [..., C] (batch norm: [B, ..., C]); params {"norm": norm params [C], "hidden": dense [C, D],
-    "output": dense [D, C]}; norm 'batch' or 'layer' -> [..., C].
+    x: [..., C] (batch norm: [B, ..., C]); params
+    {"norm": norm params [C], "hidden": dense [C, D], "output": dense [D, C]}; norm
+    'batch' or 'layer' -> [..., C].
     """
     check_mlp_block(np.shape(x), params, norm)
-    y = normalize(x, params["norm"], norm, use_running_average=use_running_average)  # [..., C]
+    # [..., C]
+    y = normalize(x, params["norm"], norm, use_running_average=use_running_average)
     h = gelu(dense(y, params["hidden"]))  # [..., D]
     return x + dense(h, params["output"])  # [..., C]
 
 
 def mlp_block_loops(x, params, norm: str = "batch", use_running_average: bool = False):
-    "Naive `mlp_block`: the loop norms, then for each token the two dense layers and GELU as Python sums (float64)."
+    """Naive `mlp_block`: the loop norms, then for each token the two dense layers and
+    GELU as Python sums (float64)."""
     eps = DEFAULT_EPS[norm]
     if norm == "layer":
         y = layer_norm_loops(x, params["norm"], eps)
@@ -337,57 +416,89 @@ def mlp_block_loops(x, params, norm: str = "batch", use_running_average: bool = 
     return out
 
 
-def init_mlp_block(rng, width: int, norm: str, random_norm: bool = False, bias_std: float = 0.0, mlp_ratio: int = 4):
-    "MLP block parameters {norm, hidden [C, rC], output [rC, C]} (r = mlp_ratio = 4 in HiT), float32."
-    return {"norm": init_norm(rng, width, norm, random=random_norm),
-            "hidden": init_dense(rng, width, mlp_ratio * width, bias_std=bias_std),
-            "output": init_dense(rng, mlp_ratio * width, width, bias_std=bias_std)}
+def init_mlp_block(
+    rng,
+    width: int,
+    norm: str,
+    random_norm: bool = False,
+    bias_std: float = 0.0,
+    mlp_ratio: int = 4,
+):
+    """MLP block parameters {norm, hidden [C, rC], output [rC, C]}
+    (r = mlp_ratio = 4 in HiT), float32."""
+    return {
+        "norm": init_norm(rng, width, norm, random=random_norm),
+        "hidden": init_dense(rng, width, mlp_ratio * width, bias_std=bias_std),
+        "output": init_dense(rng, mlp_ratio * width, width, bias_std=bias_std),
+    }
 
 # %% ../../notebooks/05a_high_resolution_numpy.ipynb #04526752
 def check_to_rgb(x_shape, params, norm):
-    "Raise `ValueError` unless `params` = {norm [C], dense [C, 3]} of a `norm` to-RGB layer fits x [..., C]."
+    """Raise `ValueError` unless `params` = {norm [C], dense [C, 3]} of a `norm` to-RGB
+    layer fits x [..., C]."""
     _require(params, ("norm", "dense"), "params")
     check_norm(x_shape, params["norm"], norm, name="params['norm']", kind_name="norm")
     if check_dense(x_shape, params["dense"], "params['dense']") != 3:
-        raise ValueError(f"params['dense']['kernel'] must map C -> 3 colours, got shape {_shape(params['dense']['kernel'])}")
+        raise ValueError(
+            "params['dense']['kernel'] must map C -> 3 colours, got shape "
+            f"{_shape(params['dense']['kernel'])}"
+        )
 
 
 def to_rgb(x, params, norm: str = "batch", use_running_average: bool = False):
     """To-RGB (Algorithm 1's `RGB`): norm, then dense C -> 3, per pixel.
 
-    x: [B, H, W, C]; params {"norm": norm params [C], "dense": dense [C, 3]} -> [B, H, W, 3].
+    x: [B, H, W, C]; params {"norm": norm params [C], "dense": dense [C, 3]} ->
+    [B, H, W, 3].
     """
     check_to_rgb(np.shape(x), params, norm)
-    return dense(normalize(x, params["norm"], norm, use_running_average=use_running_average), params["dense"])
+    return dense(
+        normalize(x, params["norm"], norm, use_running_average=use_running_average),
+        params["dense"],
+    )
 
 
-def init_to_rgb(rng, width: int, norm: str, random_norm: bool = False, bias_std: float = 0.0):
+def init_to_rgb(
+    rng, width: int, norm: str, random_norm: bool = False, bias_std: float = 0.0
+):
     "To-RGB parameters {norm [C], dense [C, 3]}, float32."
-    return {"norm": init_norm(rng, width, norm, random=random_norm), "dense": init_dense(rng, width, 3, bias_std=bias_std)}
+    return {
+        "norm": init_norm(rng, width, norm, random=random_norm),
+        "dense": init_dense(rng, width, 3, bias_std=bias_std),
+    }
 
 
 def check_rgb_skip(image_shape, rgb_shape):
-    "Raise `ValueError` unless rgb is [B, H, W, 3] and image is None or [B, H/2, W/2, 3]."
+    """Raise `ValueError` unless rgb is [B, H, W, 3] and image is None or
+    [B, H/2, W/2, 3]."""
     check_rank(rgb_shape, 4, "rgb", "[B, H, W, 3]")
     if rgb_shape[-1] != 3:
-        raise ValueError(f"rgb must have 3 channels [B, H, W, 3], got shape {tuple(rgb_shape)}")
+        raise ValueError(
+            f"rgb must have 3 channels [B, H, W, 3], got shape {tuple(rgb_shape)}"
+        )
     if image_shape is None:
         return
     check_rank(image_shape, 4, "image", "[B, H/2, W/2, 3]")
     batch, height, width, _ = rgb_shape
     if height % 2 or width % 2:
-        raise ValueError(f"rgb of shape {tuple(rgb_shape)} has an odd height or width: it cannot be added to a previous "
-                         f"image (shape {tuple(image_shape)}) upsampled 2x")
+        raise ValueError(
+            f"rgb of shape {tuple(rgb_shape)} has an odd height or width: it cannot be "
+            f"added to a previous image (shape {tuple(image_shape)}) upsampled 2x"
+        )
     expected = (batch, height // 2, width // 2, 3)
     if tuple(image_shape) != expected:
-        raise ValueError(f"image has shape {tuple(image_shape)}, but rgb of shape {tuple(rgb_shape)} needs the previous "
-                         f"image at half its resolution, {expected}")
+        raise ValueError(
+            f"image has shape {tuple(image_shape)}, but rgb of shape "
+            f"{tuple(rgb_shape)} needs the previous image at half its resolution, "
+            f"{expected}"
+        )
 
 
 def rgb_skip(image, rgb):
     """The image accumulation of Algorithm 1, I <- UpSampleNN_2x2(I) + RGB(X).
 
-    image: [B, H/2, W/2, 3], or None in the first high-resolution stage (which starts the image);
+    image: [B, H/2, W/2, 3], or None in the first high-resolution stage
+    (which starts the image);
     rgb: [B, H, W, 3], this stage's `to_rgb` output -> [B, H, W, 3].
     """
     check_rgb_skip(None if image is None else np.shape(image), np.shape(rgb))
@@ -397,24 +508,32 @@ def rgb_skip(image, rgb):
 
 
 def check_stage_transition(x_shape, params):
-    "Raise `ValueError` unless x [B, H, W, C] (C divisible by 4) and params (None or a dense [C/4, C_next]) fit together."
+    """Raise `ValueError` unless x [B, H, W, C] (C divisible by 4) and params
+    (None or a dense [C/4, C_next]) fit together."""
     check_rank(x_shape, 4, "x", "[B, H, W, C]")
     if x_shape[-1] % 4:
-        raise ValueError(f"pixel shuffle needs x's channels divisible by 4, got shape {tuple(x_shape)}")
+        raise ValueError(
+            "pixel shuffle needs x's channels divisible by 4, got shape "
+            f"{tuple(x_shape)}"
+        )
     if params is not None:
         _require(params, ("kernel", "bias"), "params")
         kernel = _shape(params["kernel"])
         if len(kernel) != 2 or kernel[0] != x_shape[-1] // 4:
-            raise ValueError(f"params['kernel'] has shape {kernel}, but pixel shuffle leaves C/4 = {x_shape[-1] // 4} "
-                             f"channels of x {tuple(x_shape)}: expected [{x_shape[-1] // 4}, C_next]")
+            raise ValueError(
+                f"params['kernel'] has shape {kernel}, but pixel shuffle leaves C/4 = "
+                f"{x_shape[-1] // 4} channels of x {tuple(x_shape)}: expected "
+                f"[{x_shape[-1] // 4}, C_next]"
+            )
         check_dense(tuple(x_shape[:-1]) + (x_shape[-1] // 4,), params, "params")
 
 
 def stage_transition(x, params):
     """Algorithm 1's X_{l+1} <- Linear(PixelShuffle_2x2(X_l)).
 
-    x: [B, H, W, C]; params: a dense {kernel [C/4, C_next], bias [C_next]}, or None where C/4 == C_next (the release
-    adds the dense layer only when the widths differ) -> [B, 2H, 2W, C_next].
+    x: [B, H, W, C]; params: a dense {kernel [C/4, C_next], bias [C_next]}, or None
+    where C/4 == C_next (the release adds the dense layer only when the widths differ)
+    -> [B, 2H, 2W, C_next].
     """
     check_stage_transition(np.shape(x), params)
     y = pixel_shuffle(x, 2)  # [B, 2H, 2W, C/4]
@@ -422,7 +541,14 @@ def stage_transition(x, params):
 
 
 def init_stage_transition(rng, width: int, next_width: int, bias_std: float = 0.0):
-    "The transition's dense parameters [C/4, C_next], or None when C/4 == C_next (no dense layer, as the release)."
+    """The transition's dense parameters [C/4, C_next], or None when C/4 == C_next
+    (no dense layer, as the release)."""
     if width % 4:
-        raise ValueError(f"width must be divisible by 4 for pixel shuffle, got width={width}")
-    return None if width // 4 == next_width else init_dense(rng, width // 4, next_width, bias_std=bias_std)
+        raise ValueError(
+            f"width must be divisible by 4 for pixel shuffle, got width={width}"
+        )
+    return (
+        None
+        if width // 4 == next_width
+        else init_dense(rng, width // 4, next_width, bias_std=bias_std)
+    )

@@ -34,13 +34,15 @@ def check_loss_kind(kind: str):
 
 def softplus(x):
     "log(1 + exp(x)) without overflow: max(x, 0) + log1p(exp(-|x|))."
-    return np.logaddexp(0.0, x)  # keeps float32 as float32 (0.0 is a weak Python scalar)
+    # keeps float32 as float32 (0.0 is a weak Python scalar)
+    return np.logaddexp(0.0, x)
 
 
 def discriminator_loss(real_logits, fake_logits, kind: str = "logistic"):
     """Equation 2 without R1, on logits: real_logits [B_r], fake_logits [B_f] -> scalar.
 
-    logistic: mean softplus(-ℓ_real) + mean softplus(ℓ_fake); hinge: mean relu(1 - ℓ_real) + mean relu(1 + ℓ_fake).
+    logistic: mean softplus(-ℓ_real) + mean softplus(ℓ_fake); hinge: mean
+    relu(1 - ℓ_real) + mean relu(1 + ℓ_fake).
     """
     check_logits(real_logits.shape, "real_logits")
     check_logits(fake_logits.shape, "fake_logits")
@@ -51,7 +53,8 @@ def discriminator_loss(real_logits, fake_logits, kind: str = "logistic"):
 
 
 def generator_loss(fake_logits, kind: str = "logistic"):
-    "Equation 3 on logits: fake_logits [B] -> scalar. logistic: mean softplus(-ℓ_fake) (non-saturating); hinge: -mean ℓ."
+    """Equation 3 on logits: fake_logits [B] -> scalar. logistic: mean softplus(-ℓ_fake)
+    (non-saturating); hinge: -mean ℓ."""
     check_logits(fake_logits.shape, "fake_logits")
     check_loss_kind(kind)
     if kind == "logistic":
@@ -64,10 +67,15 @@ def _sigmoid(v: float) -> float:
 
 
 def discriminator_loss_loops(real_logits, fake_logits, kind: str = "logistic"):
-    "The paper's equation 2 (without R1) literally: -mean log D(x) - mean log(1 - D(G(z))) with D = sigmoid; or hinge."
+    """The paper's equation 2 (without R1) literally: -mean log D(x) - mean
+    log(1 - D(G(z))) with D = sigmoid; or hinge."""
     if kind == "logistic":
-        real = -sum(math.log(_sigmoid(float(v))) for v in real_logits) / len(real_logits)
-        fake = -sum(math.log(1.0 - _sigmoid(float(v))) for v in fake_logits) / len(fake_logits)
+        real = -sum(math.log(_sigmoid(float(v))) for v in real_logits) / len(
+            real_logits
+        )
+        fake = -sum(math.log(1.0 - _sigmoid(float(v))) for v in fake_logits) / len(
+            fake_logits
+        )
     else:
         real = sum(max(1.0 - float(v), 0.0) for v in real_logits) / len(real_logits)
         fake = sum(max(1.0 + float(v), 0.0) for v in fake_logits) / len(fake_logits)
@@ -77,7 +85,9 @@ def discriminator_loss_loops(real_logits, fake_logits, kind: str = "logistic"):
 def generator_loss_loops(fake_logits, kind: str = "logistic"):
     "The paper's equation 3 literally: -mean log D(G(z)); or hinge's -mean ℓ."
     if kind == "logistic":
-        return -sum(math.log(_sigmoid(float(v))) for v in fake_logits) / len(fake_logits)
+        return -sum(math.log(_sigmoid(float(v))) for v in fake_logits) / len(
+            fake_logits
+        )
     return -sum(float(v) for v in fake_logits) / len(fake_logits)
 
 # %% ../../notebooks/10a_losses_numpy.ipynb #19ce23d2
@@ -85,7 +95,8 @@ R1_GAMMA = 10.0  # section 4.2: "The gradient penalty weight is set to 10."
 
 
 def r1_penalty_from_gradients(gradients, gamma: float = R1_GAMMA):
-    "gamma · mean over the batch of the summed squared input gradients: gradients [B, H, W, C] -> scalar."
+    """gamma · mean over the batch of the summed squared input gradients: gradients
+    [B, H, W, C] -> scalar."""
     check_rank(gradients.shape, 4, "gradients", "[B, H, W, C]")
     return gamma * np.mean(np.sum(np.square(gradients), axis=(1, 2, 3)))
 
@@ -100,9 +111,11 @@ def r1_penalty_loops(gradients, gamma: float = R1_GAMMA):
 
 
 def numerical_input_gradient(d_fn, images, epsilon: float = 1e-5):
-    """Central finite differences of sum_b d_fn(images)_b with respect to every element of images, in float64.
+    """Central finite differences of sum_b d_fn(images)_b with respect to every element
+    of images, in float64.
 
-    d_fn: images [B, H, W, C] -> logits [B]. Returns [B, H, W, C]; costs 2·B·H·W·C calls of d_fn.
+    d_fn: images [B, H, W, C] -> logits [B]. Returns [B, H, W, C]; costs 2·B·H·W·C calls
+    of d_fn.
     """
     check_rank(images.shape, 4, "images", "[B, H, W, C]")
     images = np.asarray(images, np.float64)
@@ -116,48 +129,85 @@ def numerical_input_gradient(d_fn, images, epsilon: float = 1e-5):
 
 
 def r1_penalty_fd(d_fn, images, gamma: float = R1_GAMMA, epsilon: float = 1e-5):
-    "The R1 penalty with the gradient by central finite differences (float64): images [B, H, W, C] -> scalar."
-    return r1_penalty_from_gradients(numerical_input_gradient(d_fn, images, epsilon), gamma)
+    """The R1 penalty with the gradient by central finite differences (float64): images
+    [B, H, W, C] -> scalar."""
+    return r1_penalty_from_gradients(
+        numerical_input_gradient(d_fn, images, epsilon), gamma
+    )
 
 # %% ../../notebooks/10a_losses_numpy.ipynb #7a574263
 def init_tiny_discriminator(rng, image_shape, hidden: int = 8):
-    "Parameters of `tiny_discriminator` for images of shape [H, W, C]: {'hidden': dense, 'out': dense}, float32."
+    """Parameters of `tiny_discriminator` for images of shape [H, W, C]:
+    {'hidden': dense, 'out': dense}, float32."""
     fan_in = int(np.prod(image_shape))
-    return {"hidden": {"kernel": (rng.standard_normal((fan_in, hidden)) / np.sqrt(fan_in)).astype(np.float32),
-                       "bias": (0.1 * rng.standard_normal(hidden)).astype(np.float32)},
-            "out": {"kernel": (rng.standard_normal((hidden, 1)) / np.sqrt(hidden)).astype(np.float32),
-                    "bias": (0.1 * rng.standard_normal(1)).astype(np.float32)}}
+    return {
+        "hidden": {
+            "kernel": (rng.standard_normal((fan_in, hidden)) / np.sqrt(fan_in)).astype(
+                np.float32
+            ),
+            "bias": (0.1 * rng.standard_normal(hidden)).astype(np.float32),
+        },
+        "out": {
+            "kernel": (rng.standard_normal((hidden, 1)) / np.sqrt(hidden)).astype(
+                np.float32
+            ),
+            "bias": (0.1 * rng.standard_normal(1)).astype(np.float32),
+        },
+    }
 
 
 def tiny_discriminator(params, images):
-    "A smooth toy D: images [B, H, W, C] -> logits [B] = tanh(flatten(x) W1 + b1) w2 + b2."
+    """A smooth toy D: images [B, H, W, C] -> logits [B] = tanh(flatten(x) W1 + b1)
+    w2 + b2."""
     x = images.reshape(images.shape[0], -1)  # [B, H·W·C]
-    h = np.tanh(x @ params["hidden"]["kernel"].astype(x.dtype) + params["hidden"]["bias"].astype(x.dtype))  # [B, K]
-    return (h @ params["out"]["kernel"].astype(x.dtype) + params["out"]["bias"].astype(x.dtype))[:, 0]  # [B]
+    # [B, K]
+    h = np.tanh(
+        x @ params["hidden"]["kernel"].astype(x.dtype)
+        + params["hidden"]["bias"].astype(x.dtype)
+    )
+    # [B]
+    return (
+        h @ params["out"]["kernel"].astype(x.dtype)
+        + params["out"]["bias"].astype(x.dtype)
+    )[:, 0]
 
 
 def tiny_discriminator_input_gradient(params, images):
     "Closed-form ∂(Σ_b ℓ_b)/∂x of `tiny_discriminator`: [B, H, W, C]."
     x = images.reshape(images.shape[0], -1)  # [B, H·W·C]
-    h = np.tanh(x @ params["hidden"]["kernel"].astype(x.dtype) + params["hidden"]["bias"].astype(x.dtype))  # [B, K]
+    # [B, K]
+    h = np.tanh(
+        x @ params["hidden"]["kernel"].astype(x.dtype)
+        + params["hidden"]["bias"].astype(x.dtype)
+    )
     upstream = (1 - h**2) * params["out"]["kernel"][:, 0].astype(x.dtype)  # [B, K]
-    return (upstream @ params["hidden"]["kernel"].T.astype(x.dtype)).reshape(images.shape)  # [B, H, W, C]
+    # [B, H, W, C]
+    return (upstream @ params["hidden"]["kernel"].T.astype(x.dtype)).reshape(
+        images.shape
+    )
 
 # %% ../../notebooks/10a_losses_numpy.ipynb #446c447d
 AUGMENTATIONS = ("color", "translation", "cutout", "flip")
-DEFAULT_POLICY = "color,translation,cutout"  # DiffAugment's policy used by bCR in the release
+# DiffAugment's policy used by bCR in the release
+DEFAULT_POLICY = "color,translation,cutout"
 TRANSLATION_RATIO = 1 / 8
 CUTOUT_RATIO = 1 / 2
 
 
 def parse_policy(policy: str) -> tuple:
-    "'color,translation,cutout' -> ('color', 'translation', 'cutout'); `ValueError` naming an unknown operation."
+    """'color,translation,cutout' -> ('color', 'translation', 'cutout'); `ValueError`
+    naming an unknown operation."""
     if not isinstance(policy, str):
-        raise ValueError(f"policy must be a comma-separated string, got policy={policy!r}")
+        raise ValueError(
+            f"policy must be a comma-separated string, got policy={policy!r}"
+        )
     names = tuple(name.strip() for name in policy.split(",") if name.strip())
     for name in names:
         if name not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {name!r} in policy={policy!r}; choose from {AUGMENTATIONS}")
+            raise ValueError(
+                f"unknown augmentation {name!r} in policy={policy!r}; choose from "
+                f"{AUGMENTATIONS}"
+            )
     return names
 
 
@@ -171,11 +221,14 @@ def cutout_size(size: int, ratio: float = CUTOUT_RATIO) -> int:
     return int(size * ratio + 0.5)
 
 
-def sample_augment_params(rng, batch: int, height: int, width: int, policy: str = DEFAULT_POLICY) -> dict:
+def sample_augment_params(
+    rng, batch: int, height: int, width: int, policy: str = DEFAULT_POLICY
+) -> dict:
     """Draw the random numbers of `policy` for a batch with a NumPy generator.
 
-    Returns a dict with, per operation in the policy: 'brightness' [B], 'saturation' [B], 'contrast' [B] (color);
-    'translation' [B, 2] int (Δh, Δw); 'cutout' [B, 2] int (c_h, c_w); 'flip' [B] bool.
+    Returns a dict with, per operation in the policy: 'brightness' [B], 'saturation'
+    [B], 'contrast' [B] (color); 'translation' [B, 2] int (Δh, Δw); 'cutout' [B, 2] int
+    (c_h, c_w); 'flip' [B] bool.
     """
     draws = {}
     for name in parse_policy(policy):
@@ -185,12 +238,22 @@ def sample_augment_params(rng, batch: int, height: int, width: int, policy: str 
             draws["contrast"] = rng.uniform(0.5, 1.5, batch).astype(np.float32)
         elif name == "translation":
             limit_h, limit_w = translation_limit(height), translation_limit(width)
-            draws["translation"] = np.stack([rng.integers(-limit_h, limit_h + 1, batch),
-                                             rng.integers(-limit_w, limit_w + 1, batch)], axis=1).astype(np.int32)
+            draws["translation"] = np.stack(
+                [
+                    rng.integers(-limit_h, limit_h + 1, batch),
+                    rng.integers(-limit_w, limit_w + 1, batch),
+                ],
+                axis=1,
+            ).astype(np.int32)
         elif name == "cutout":
             size_h, size_w = cutout_size(height), cutout_size(width)
-            draws["cutout"] = np.stack([rng.integers(0, height + 1 - size_h % 2, batch),
-                                        rng.integers(0, width + 1 - size_w % 2, batch)], axis=1).astype(np.int32)
+            draws["cutout"] = np.stack(
+                [
+                    rng.integers(0, height + 1 - size_h % 2, batch),
+                    rng.integers(0, width + 1 - size_w % 2, batch),
+                ],
+                axis=1,
+            ).astype(np.int32)
         else:  # flip
             draws["flip"] = rng.random(batch) < 0.5
     return draws
@@ -206,30 +269,41 @@ def adjust_brightness(x, offsets):
 
 
 def adjust_saturation(x, factors):
-    "(x − m)·s + m with m each pixel's mean over channels: x [B, H, W, C], factors s [B]."
+    """(x − m)·s + m with m each pixel's mean over channels: x [B, H, W, C], factors s
+    [B]."""
     mean = x.mean(axis=3, keepdims=True)  # [B, H, W, 1]
     return (x - mean) * _per_image(factors).astype(x.dtype) + mean
 
 
 def adjust_contrast(x, factors):
-    "(x − m)·κ + m with m each image's mean over pixels and channels: x [B, H, W, C], factors κ [B]."
+    """(x − m)·κ + m with m each image's mean over pixels and channels: x [B, H, W, C],
+    factors κ [B]."""
     mean = x.mean(axis=(1, 2, 3), keepdims=True)  # [B, 1, 1, 1]
     return (x - mean) * _per_image(factors).astype(x.dtype) + mean
 
 
 def translate(x, shifts):
-    "y[b, h, w] = x[b, h − Δh_b, w − Δw_b], zero outside: x [B, H, W, C], shifts [B, 2] integers (Δh, Δw)."
+    """y[b, h, w] = x[b, h − Δh_b, w − Δw_b], zero outside: x [B, H, W, C], shifts
+    [B, 2] integers (Δh, Δw)."""
     batch, height, width, _ = x.shape
-    rows = np.arange(height)[None, :] - shifts[:, :1]  # [B, H]: source row of each output row
+    # [B, H]: source row of each output row
+    rows = np.arange(height)[None, :] - shifts[:, :1]
     cols = np.arange(width)[None, :] - shifts[:, 1:]  # [B, W]
-    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]  # [B, H, W]
-    gathered = x[np.arange(batch)[:, None, None], np.clip(rows, 0, height - 1)[:, :, None],
-                 np.clip(cols, 0, width - 1)[:, None, :]]  # [B, H, W, C]
+    # [B, H, W]
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & (
+        (cols >= 0) & (cols < width)
+    )[:, None, :]
+    gathered = x[
+        np.arange(batch)[:, None, None],
+        np.clip(rows, 0, height - 1)[:, :, None],
+        np.clip(cols, 0, width - 1)[:, None, :],
+    ]  # [B, H, W, C]
     return np.where(inside[..., None], gathered, np.zeros((), x.dtype))
 
 
 def cutout_mask(centres, height: int, width: int):
-    "1 outside and 0 inside each image's cutout square: centres [B, 2] (c_h, c_w) -> mask [B, H, W]."
+    """1 outside and 0 inside each image's cutout square: centres [B, 2] (c_h, c_w) ->
+    mask [B, H, W]."""
     size_h, size_w = cutout_size(height), cutout_size(width)
     top = centres[:, :1] - size_h // 2  # [B, 1]
     left = centres[:, 1:] - size_w // 2  # [B, 1]
@@ -302,27 +376,38 @@ def flip_loops(x, flips):
     return y
 
 # %% ../../notebooks/10a_losses_numpy.ipynb #59c4b965
-_DRAW_SHAPES = {"color": {"brightness": (), "saturation": (), "contrast": ()}, "translation": {"translation": (2,)},
-                "cutout": {"cutout": (2,)}, "flip": {"flip": ()}}
+_DRAW_SHAPES = {
+    "color": {"brightness": (), "saturation": (), "contrast": ()},
+    "translation": {"translation": (2,)},
+    "cutout": {"cutout": (2,)},
+    "flip": {"flip": ()},
+}
 
 
 def check_augment(x_shape, draws: dict, policy: str):
-    "Raise `ValueError` unless x is [B, H, W, C] and `draws` holds every draw of `policy` with shape [B] or [B, 2]."
+    """Raise `ValueError` unless x is [B, H, W, C] and `draws` holds every draw of
+    `policy` with shape [B] or [B, 2]."""
     check_rank(x_shape, 4, "x", "[B, H, W, C]")
     names = parse_policy(policy)
     for name in names:
         for key, trailing in _DRAW_SHAPES[name].items():
             if key not in draws:
-                raise ValueError(f"draws has no {key!r}, which policy={policy!r} needs (it has {sorted(draws)})")
+                raise ValueError(
+                    f"draws has no {key!r}, which policy={policy!r} needs (it has "
+                    f"{sorted(draws)})"
+                )
             expected = (x_shape[0],) + trailing
             if tuple(np.shape(draws[key])) != expected:
-                raise ValueError(f"draws[{key!r}] must have shape {expected} for a batch of {x_shape[0]}, "
-                                 f"got {tuple(np.shape(draws[key]))}")
+                raise ValueError(
+                    f"draws[{key!r}] must have shape {expected} for a batch of "
+                    f"{x_shape[0]}, got {tuple(np.shape(draws[key]))}"
+                )
     return names
 
 
 def apply_augment(x, draws: dict, policy: str = DEFAULT_POLICY):
-    "Apply the operations of `policy`, in order, with the given draws: x [B, H, W, C] -> [B, H, W, C]."
+    """Apply the operations of `policy`, in order, with the given draws: x [B, H, W, C]
+    -> [B, H, W, C]."""
     for name in check_augment(x.shape, draws, policy):
         if name == "color":
             x = adjust_brightness(x, draws["brightness"])
@@ -338,25 +423,42 @@ def apply_augment(x, draws: dict, policy: str = DEFAULT_POLICY):
 
 
 def augment(x, rng, policy: str = DEFAULT_POLICY):
-    "DiffAugment with draws from the NumPy generator `rng`: x [B, H, W, C] -> [B, H, W, C]."
+    """DiffAugment with draws from the NumPy generator `rng`: x [B, H, W, C] ->
+    [B, H, W, C]."""
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
-    return apply_augment(x, sample_augment_params(rng, x.shape[0], x.shape[1], x.shape[2], policy), policy)
+    return apply_augment(
+        x,
+        sample_augment_params(rng, x.shape[0], x.shape[1], x.shape[2], policy),
+        policy,
+    )
 
 # %% ../../notebooks/10a_losses_numpy.ipynb #900af54a
-BCR_WEIGHT = 10.0  # section 4.2: "bCR is only added to the discriminator with the weight of 10."
+# section 4.2: "bCR is only added to the discriminator with the weight of 10."
+BCR_WEIGHT = 10.0
 
 
 def consistency_loss(logits, augmented_logits):
-    "mean over the batch of (ℓ(x) − ℓ(T(x)))²: logits [B], augmented_logits [B] -> scalar."
+    """mean over the batch of (ℓ(x) − ℓ(T(x)))²: logits [B], augmented_logits [B] ->
+    scalar."""
     check_logits(logits.shape, "logits")
     if augmented_logits.shape != logits.shape:
-        raise ValueError(f"augmented_logits must have the shape of logits {tuple(logits.shape)}, "
-                         f"got {tuple(augmented_logits.shape)}")
+        raise ValueError(
+            f"augmented_logits must have the shape of logits {tuple(logits.shape)}, "
+            f"got {tuple(augmented_logits.shape)}"
+        )
     return np.mean(np.square(logits - augmented_logits))
 
 
-def bcr_loss_from_logits(real_logits, augmented_real_logits, fake_logits, augmented_fake_logits,
-                         weight: float = BCR_WEIGHT):
-    "λ · (MSE(ℓ(x), ℓ(T(x))) + MSE(ℓ(G(z)), ℓ(T(G(z))))): four [B] logit vectors -> scalar."
-    return weight * (consistency_loss(real_logits, augmented_real_logits)
-                     + consistency_loss(fake_logits, augmented_fake_logits))
+def bcr_loss_from_logits(
+    real_logits,
+    augmented_real_logits,
+    fake_logits,
+    augmented_fake_logits,
+    weight: float = BCR_WEIGHT,
+):
+    """λ · (MSE(ℓ(x), ℓ(T(x))) + MSE(ℓ(G(z)), ℓ(T(G(z))))): four [B] logit vectors ->
+    scalar."""
+    return weight * (
+        consistency_loss(real_logits, augmented_real_logits)
+        + consistency_loss(fake_logits, augmented_fake_logits)
+    )

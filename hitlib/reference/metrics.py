@@ -19,46 +19,70 @@ INCEPTION_SIZE = 299  # the network's input size (pixels, square)
 
 
 def check_features(features_shape, name: str = "features", min_samples: int = 2):
-    "Raise `ValueError` unless the features are [N, D] with N >= `min_samples` (a covariance needs two)."
+    """Raise `ValueError` unless the features are [N, D] with N >= `min_samples`
+    (a covariance needs two)."""
     check_rank(features_shape, 2, name, "[N, D]")
     if features_shape[0] < min_samples:
-        raise ValueError(f"{name} needs at least {min_samples} samples, got shape {tuple(features_shape)}")
+        raise ValueError(
+            f"{name} needs at least {min_samples} samples, got shape "
+            f"{tuple(features_shape)}"
+        )
 
 
 def check_same_width(shape_a, shape_b, name_a: str, name_b: str):
-    "Raise `ValueError` unless two feature arrays (or statistics) have the same width D."
+    """Raise `ValueError` unless two feature arrays (or statistics) have the same width
+    D."""
     if shape_a[-1] != shape_b[-1]:
-        raise ValueError(f"{name_a} and {name_b} must have the same feature width, got {shape_a[-1]} and {shape_b[-1]}")
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same feature width, got "
+            f"{shape_a[-1]} and {shape_b[-1]}"
+        )
 
 
 def check_statistics(mu_shape, sigma_shape, name: str):
     "Raise `ValueError` unless `mu` is [D] and `sigma` is [D, D]."
     check_rank(mu_shape, 1, f"{name} mean", "[D]")
     if tuple(sigma_shape) != (mu_shape[0], mu_shape[0]):
-        raise ValueError(f"{name} covariance must be [D, D] = {(mu_shape[0], mu_shape[0])}, got {tuple(sigma_shape)}")
+        raise ValueError(
+            f"{name} covariance must be [D, D] = {(mu_shape[0], mu_shape[0])}, got "
+            f"{tuple(sigma_shape)}"
+        )
 
 
 def check_images(images_shape, name: str = "images"):
     "Raise `ValueError` unless the images are [N, H, W, 3] (RGB, channels last)."
     check_rank(images_shape, 4, name, "[N, H, W, 3]")
     if images_shape[-1] != 3:
-        raise ValueError(f"{name} must have 3 channels (RGB) last, got shape {tuple(images_shape)}")
+        raise ValueError(
+            f"{name} must have 3 channels (RGB) last, got shape {tuple(images_shape)}"
+        )
 
 
 def check_uint8(dtype, name: str = "images"):
-    "Raise `ValueError` unless the images are uint8, as the protocol requires (see `quantize_images`)."
+    """Raise `ValueError` unless the images are uint8, as the protocol requires
+    (see `quantize_images`)."""
     if np.dtype(dtype) != np.uint8:
-        raise ValueError(f"{name} must be uint8 in [0, 255] (quantise generator output first), got dtype {dtype}")
+        raise ValueError(
+            f"{name} must be uint8 in [0, 255] (quantise generator output first), got "
+            f"dtype {dtype}"
+        )
 
 
 def check_splits(num_samples: int, num_splits: int):
-    "Raise `ValueError` unless `num_splits` is a positive integer no larger than the number of samples."
-    if not isinstance(num_splits, (int, np.integer)) or not 1 <= num_splits <= num_samples:
-        raise ValueError(f"num_splits must be an integer in [1, N={num_samples}], got {num_splits!r}")
+    """Raise `ValueError` unless `num_splits` is a positive integer no larger than the
+    number of samples."""
+    if (
+        not isinstance(num_splits, (int, np.integer))
+        or not 1 <= num_splits <= num_samples
+    ):
+        raise ValueError(
+            f"num_splits must be an integer in [1, N={num_samples}], got {num_splits!r}"
+        )
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #8272f27c
 def feature_statistics(features):
-    "features [N, D] -> (mu [D], sigma [D, D]) in float64; sigma is the unbiased covariance (divides by N − 1)."
+    """features [N, D] -> (mu [D], sigma [D, D]) in float64; sigma is the unbiased
+    covariance (divides by N − 1)."""
     check_features(features.shape)
     features = np.asarray(features, np.float64)
     mu = features.mean(axis=0)  # [D]
@@ -68,7 +92,8 @@ def feature_statistics(features):
 
 
 def feature_statistics_loops(features):
-    "Sample by sample: the sum of outer products of the centred features, divided by N − 1."
+    """Sample by sample: the sum of outer products of the centred features, divided by N
+    − 1."""
     n, d = features.shape
     mu = np.zeros(d)
     for f in features:
@@ -83,7 +108,8 @@ def feature_statistics_loops(features):
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #0f2c27f6
 def sqrtm_psd(matrix):
-    "Square root of a symmetric positive semi-definite matrix [D, D] via `eigh` (negative rounding eigenvalues -> 0)."
+    """Square root of a symmetric positive semi-definite matrix [D, D] via `eigh`
+    (negative rounding eigenvalues -> 0)."""
     eigenvalues, eigenvectors = np.linalg.eigh(matrix)  # [D], [D, D]
     return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
 
@@ -97,21 +123,36 @@ def trace_sqrt_product(sigma1, sigma2):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    "Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): mu [D], sigma [D, D] -> float (float64)."
+    """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2): mu [D], sigma
+    [D, D] -> float (float64)."""
     check_statistics(np.shape(mu1), np.shape(sigma1), "first")
     check_statistics(np.shape(mu2), np.shape(sigma2), "second")
-    check_same_width(np.shape(mu1), np.shape(mu2), "first statistics", "second statistics")
-    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    check_same_width(
+        np.shape(mu1), np.shape(mu2), "first statistics", "second statistics"
+    )
+    mu1, sigma1, mu2, sigma2 = (
+        np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2)
+    )
     diff = mu1 - mu2  # [D]
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
+    return float(
+        diff @ diff
+        + np.trace(sigma1)
+        + np.trace(sigma2)
+        - 2 * trace_sqrt_product(sigma1, sigma2)
+    )
 
 
 def frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2):
-    "The same distance by pytorch-fid's route: `scipy.linalg.sqrtm(Σ₁Σ₂)`, real part of its trace (the check)."
-    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    """The same distance by pytorch-fid's route: `scipy.linalg.sqrtm(Σ₁Σ₂)`, real part
+    of its trace (the check)."""
+    mu1, sigma1, mu2, sigma2 = (
+        np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2)
+    )
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean).real)
+    return float(
+        diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean).real
+    )
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #1b25ae10
 def log_softmax(logits, axis: int = -1):
@@ -121,33 +162,44 @@ def log_softmax(logits, axis: int = -1):
 
 
 def inception_score(logits, num_splits: int = 10):
-    "logits [N, K] -> (mean, std) of exp(E KL(p(y|x) || p(y))) over `num_splits` consecutive groups (float64)."
+    """logits [N, K] -> (mean, std) of exp(E KL(p(y|x) || p(y))) over `num_splits`
+    consecutive groups (float64)."""
     check_features(logits.shape, "logits", min_samples=1)
     num_samples = logits.shape[0]
     check_splits(num_samples, num_splits)
     log_p = log_softmax(np.asarray(logits, np.float64))  # [N, K], log p(y|x)
     scores = []
     for s in range(num_splits):
-        part = log_p[s * num_samples // num_splits:(s + 1) * num_samples // num_splits]  # [n, K]
+        # [n, K]
+        part = log_p[
+            s * num_samples // num_splits : (s + 1) * num_samples // num_splits
+        ]
         top = part.max(axis=0)  # [K]
-        log_marginal = top + np.log(np.mean(np.exp(part - top), axis=0))  # [K], log p(y) = log mean_x p(y|x)
+        # [K], log p(y) = log mean_x p(y|x)
+        log_marginal = top + np.log(np.mean(np.exp(part - top), axis=0))
         kl = np.sum(np.exp(part) * (part - log_marginal), axis=1)  # [n]
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
 
 
 def inception_score_loops(logits, num_splits: int = 10):
-    "Image by image and class by class: softmax, marginal, KL, exp of the mean (probabilities, no logs of logs)."
+    """Image by image and class by class: softmax, marginal, KL, exp of the mean
+    (probabilities, no logs of logs)."""
     n, k = logits.shape
     scores = []
     for s in range(num_splits):
         rows = range(s * n // num_splits, (s + 1) * n // num_splits)
         probs = []
         for i in rows:
-            exps = [np.exp(float(logits[i, y]) - float(np.max(logits[i]))) for y in range(k)]
+            exps = [
+                np.exp(float(logits[i, y]) - float(np.max(logits[i]))) for y in range(k)
+            ]
             probs.append([e / sum(exps) for e in exps])
         marginal = [sum(p[y] for p in probs) / len(probs) for y in range(k)]
-        kl = [sum(p[y] * np.log(p[y] / marginal[y]) for y in range(k) if p[y] > 0) for p in probs]
+        kl = [
+            sum(p[y] * np.log(p[y] / marginal[y]) for y in range(k) if p[y] > 0)
+            for p in probs
+        ]
         scores.append(np.exp(sum(kl) / len(kl)))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -158,13 +210,18 @@ def polynomial_kernel(x, y, degree: int = 3, coef0: float = 1.0):
 
 
 def mmd2_unbiased(x, y):
-    "Unbiased MMD² with the cubic polynomial kernel: x [m, D], y [n, D] -> float (float64)."
+    """Unbiased MMD² with the cubic polynomial kernel: x [m, D], y [n, D] -> float
+    (float64)."""
     check_features(x.shape, "x")
     check_features(y.shape, "y")
     check_same_width(x.shape, y.shape, "x", "y")
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     m, n = x.shape[0], y.shape[0]
-    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    k_xx, k_yy, k_xy = (
+        polynomial_kernel(x, x),
+        polynomial_kernel(y, y),
+        polynomial_kernel(x, y),
+    )
     within_x = (k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))  # Σ_{i≠j}
     within_y = (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
     return float(within_x + within_y - 2 * k_xy.mean())
@@ -172,47 +229,86 @@ def mmd2_unbiased(x, y):
 
 def mmd2_unbiased_loops(x, y):
     "The three double sums of the formula, pair by pair."
+
     def k(a, b):
-        return (sum(float(a[t]) * float(b[t]) for t in range(len(a))) / len(a) + 1.0) ** 3
+        return (
+            sum(float(a[t]) * float(b[t]) for t in range(len(a))) / len(a) + 1.0
+        ) ** 3
+
     m, n = len(x), len(y)
-    within_x = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-    within_y = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    within_x = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (
+        m * (m - 1)
+    )
+    within_y = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (
+        n * (n - 1)
+    )
     across = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
     return within_x + within_y - 2 * across
 
 
-def kid_subset_indices(num_a: int, num_b: int, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0):
-    "Row indices of the KID subsets, drawn without replacement within a subset: ([S, m], [S, m]) int arrays."
-    if not isinstance(subset_size, (int, np.integer)) or not 2 <= subset_size <= min(num_a, num_b):
-        raise ValueError(f"subset_size must be an integer in [2, min(N_a, N_b)] = [2, {min(num_a, num_b)}], "
-                         f"got subset_size={subset_size!r} (N_a={num_a}, N_b={num_b})")
+def kid_subset_indices(
+    num_a: int,
+    num_b: int,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+):
+    """Row indices of the KID subsets, drawn without replacement within a subset:
+    ([S, m], [S, m]) int arrays."""
+    if not isinstance(subset_size, (int, np.integer)) or not 2 <= subset_size <= min(
+        num_a, num_b
+    ):
+        raise ValueError(
+            "subset_size must be an integer in [2, min(N_a, N_b)] = [2, "
+            f"{min(num_a, num_b)}], got subset_size={subset_size!r} (N_a={num_a}, "
+            f"N_b={num_b})"
+        )
     if not isinstance(num_subsets, (int, np.integer)) or num_subsets < 1:
         raise ValueError(f"num_subsets must be a positive integer, got {num_subsets!r}")
     rng = np.random.default_rng(seed)
-    indices_a = np.stack([rng.choice(num_a, subset_size, replace=False) for _ in range(num_subsets)])
-    indices_b = np.stack([rng.choice(num_b, subset_size, replace=False) for _ in range(num_subsets)])
+    indices_a = np.stack(
+        [rng.choice(num_a, subset_size, replace=False) for _ in range(num_subsets)]
+    )
+    indices_b = np.stack(
+        [rng.choice(num_b, subset_size, replace=False) for _ in range(num_subsets)]
+    )
     return indices_a, indices_b
 
 
-def kernel_inception_distance(features_a, features_b, num_subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0):
-    "KID: features_a [N_a, D], features_b [N_b, D] -> (mean, std) of the unbiased MMD² over random subsets."
+def kernel_inception_distance(
+    features_a,
+    features_b,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+):
+    """KID: features_a [N_a, D], features_b [N_b, D] -> (mean, std) of the unbiased MMD²
+    over random subsets."""
     check_features(features_a.shape, "features_a")
     check_features(features_b.shape, "features_b")
     check_same_width(features_a.shape, features_b.shape, "features_a", "features_b")
-    indices_a, indices_b = kid_subset_indices(features_a.shape[0], features_b.shape[0], num_subsets, subset_size, seed)
-    values = [mmd2_unbiased(features_a[ia], features_b[ib]) for ia, ib in zip(indices_a, indices_b)]
+    indices_a, indices_b = kid_subset_indices(
+        features_a.shape[0], features_b.shape[0], num_subsets, subset_size, seed
+    )
+    values = [
+        mmd2_unbiased(features_a[ia], features_b[ib])
+        for ia, ib in zip(indices_a, indices_b)
+    ]
     return float(np.mean(values)), float(np.std(values))
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #e8c84f3a
 def quantize_images(images):
-    "Generator output in [-1, 1], float [N, H, W, 3] -> uint8 [N, H, W, 3]: round((x + 1)·127.5), clipped to [0, 255]."
+    """Generator output in [-1, 1], float [N, H, W, 3] -> uint8 [N, H, W, 3]:
+    round((x + 1)·127.5), clipped to [0, 255]."""
     check_images(np.shape(images))
-    return np.clip(np.round((np.asarray(images, np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.clip(
+        np.round((np.asarray(images, np.float64) + 1.0) * 127.5), 0, 255
+    ).astype(np.uint8)
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #420c246c
 def bilinear_resize_matrix(in_size: int, out_size: int):
-    "R [out_size, in_size] (float64) of PyTorch's bilinear interpolation with align_corners=False, no antialiasing."
+    """R [out_size, in_size] (float64) of PyTorch's bilinear interpolation with
+    align_corners=False, no antialiasing."""
     scale = in_size / out_size
     matrix = np.zeros((out_size, in_size))
     for o in range(out_size):
@@ -226,7 +322,8 @@ def bilinear_resize_matrix(in_size: int, out_size: int):
 
 
 def resize_bilinear(images, height: int, width: int):
-    "Bilinear resize as F.interpolate(mode='bilinear', align_corners=False): [N, H, W, C] -> [N, height, width, C]."
+    """Bilinear resize as F.interpolate(mode='bilinear', align_corners=False):
+    [N, H, W, C] -> [N, height, width, C]."""
     check_rank(np.shape(images), 4, "images", "[N, H, W, C]")
     rows = bilinear_resize_matrix(images.shape[1], height)  # [height, H]
     cols = bilinear_resize_matrix(images.shape[2], width)  # [width, W]
@@ -236,7 +333,8 @@ def resize_bilinear(images, height: int, width: int):
 
 
 def resize_bilinear_loops(images, height: int, width: int):
-    "Output pixel by output pixel: source coordinates, clamp, two neighbours per axis, four weights."
+    """Output pixel by output pixel: source coordinates, clamp, two neighbours per axis,
+    four weights."""
     n, in_h, in_w, c = images.shape
     out = np.zeros((n, height, width, c))
 
@@ -249,14 +347,17 @@ def resize_bilinear_loops(images, height: int, width: int):
         y0, y1, fy = neighbours(y, in_h, height)
         for x in range(width):
             x0, x1, fx = neighbours(x, in_w, width)
-            out[:, y, x] = ((1 - fy) * ((1 - fx) * images[:, y0, x0] + fx * images[:, y0, x1])
-                            + fy * ((1 - fx) * images[:, y1, x0] + fx * images[:, y1, x1]))
+            out[:, y, x] = (1 - fy) * (
+                (1 - fx) * images[:, y0, x0] + fx * images[:, y0, x1]
+            ) + fy * ((1 - fx) * images[:, y1, x0] + fx * images[:, y1, x1])
     return out
 
 
 def preprocess_images(images, size: int = INCEPTION_SIZE):
-    "uint8 [N, H, W, 3] -> float32 [N, size, size, 3] in [-1, 1]: x/255, bilinear resize (as pytorch-fid), 2x − 1."
+    """uint8 [N, H, W, 3] -> float32 [N, size, size, 3] in [-1, 1]: x/255, bilinear
+    resize (as pytorch-fid), 2x − 1."""
     check_images(np.shape(images))
     check_uint8(images.dtype)
-    unit = np.asarray(images, np.float32) / np.float32(255)  # [0, 1], as torchvision's ToTensor
+    # [0, 1], as torchvision's ToTensor
+    unit = np.asarray(images, np.float32) / np.float32(255)
     return (2 * resize_bilinear(unit, size, size) - 1).astype(np.float32)

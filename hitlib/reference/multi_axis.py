@@ -17,38 +17,70 @@ from .attention import check_attention_params, is_multi_query, softmax
 from .blocking import check_block_size, check_rank
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #3167606e
-def check_self_attention(x_shape, params, layout: str = "[B, M, N, C]", even_heads_for=None):
-    """Raise `ValueError` unless `x` (rank 4, `layout`) and attention `params` fit; return `(num_heads, head_dim)`.
+def check_self_attention(
+    x_shape, params, layout: str = "[B, M, N, C]", even_heads_for=None
+):
+    """Raise `ValueError` unless `x` (rank 4, `layout`) and attention `params` fit;
+    return `(num_heads, head_dim)`.
 
-    `even_heads_for`: a name such as "multi-axis attention" when the heads are split in two halves (then `num_heads` must
-    be even). Shapes only, so the JAX module reuses it.
+    `even_heads_for`: a name such as "multi-axis attention" when the heads are split in
+    two halves (then `num_heads` must be even). Shapes only, so the JAX module reuses
+    it.
     """
     check_rank(x_shape, 4, "x", layout)
     if x_shape[1] < 1 or x_shape[2] < 1:
-        raise ValueError(f"x must have at least one token along both attended axes {layout}, got shape {tuple(x_shape)}")
+        raise ValueError(
+            f"x must have at least one token along both attended axes {layout}, got "
+            f"shape {tuple(x_shape)}"
+        )
     num_heads, head_dim = check_attention_params(x_shape, x_shape, params)
     if even_heads_for is not None and num_heads % 2:
-        raise ValueError(f"{even_heads_for} needs an even num_heads, got {num_heads} (half the heads attend along each "
-                         f"axis; params['query']['kernel'] has shape {tuple(np.shape(params['query']['kernel']))})")
+        raise ValueError(
+            f"{even_heads_for} needs an even num_heads, got {num_heads} (half the "
+            "heads attend along each axis; params['query']['kernel'] has shape "
+            f"{tuple(np.shape(params['query']['kernel']))})"
+        )
     return num_heads, head_dim
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #5a000538
 def _project(x, params):
-    "x [B, M, N, C] -> q [B, M, N, h, d] (times 1/sqrt(d)); k, v [B, M, N, d] (multi-query) or [B, M, N, h, d]."
+    """x [B, M, N, C] -> q [B, M, N, h, d] (times 1/sqrt(d)); k, v [B, M, N, d]
+    (multi-query) or [B, M, N, h, d]."""
     head_dim = np.shape(params["query"]["kernel"])[-1]
-    q = np.einsum("bmnc,chd->bmnhd", x, params["query"]["kernel"]) + params["query"]["bias"]  # bias [h, d]
+    # bias [h, d]
+    q = (
+        np.einsum("bmnc,chd->bmnhd", x, params["query"]["kernel"])
+        + params["query"]["bias"]
+    )
     q = q * (1.0 / math.sqrt(head_dim))  # a Python float keeps float32 float32
     if is_multi_query(params):
-        k = np.einsum("bmnc,cd->bmnd", x, params["key"]["kernel"]) + params["key"]["bias"]  # [B, M, N, d]
-        v = np.einsum("bmnc,cd->bmnd", x, params["value"]["kernel"]) + params["value"]["bias"]  # [B, M, N, d]
+        # [B, M, N, d]
+        k = (
+            np.einsum("bmnc,cd->bmnd", x, params["key"]["kernel"])
+            + params["key"]["bias"]
+        )
+        # [B, M, N, d]
+        v = (
+            np.einsum("bmnc,cd->bmnd", x, params["value"]["kernel"])
+            + params["value"]["bias"]
+        )
     else:
-        k = np.einsum("bmnc,chd->bmnhd", x, params["key"]["kernel"]) + params["key"]["bias"]  # [B, M, N, h, d]
-        v = np.einsum("bmnc,chd->bmnhd", x, params["value"]["kernel"]) + params["value"]["bias"]  # [B, M, N, h, d]
+        # [B, M, N, h, d]
+        k = (
+            np.einsum("bmnc,chd->bmnhd", x, params["key"]["kernel"])
+            + params["key"]["bias"]
+        )
+        # [B, M, N, h, d]
+        v = (
+            np.einsum("bmnc,chd->bmnhd", x, params["value"]["kernel"])
+            + params["value"]["bias"]
+        )
     return q, k, v
 
 
-# (axis, multi-query?) -> einsum strings of (logits, weighted sum); k is the attended position (a token of the block
-# for regional attention, a block for dilated attention). The logits keep the non-attended axes first.
+# (axis, multi-query?) -> einsum strings of (logits, weighted sum); k is the attended
+# position (a token of the block for regional attention, a block for dilated attention).
+# The logits keep the non-attended axes first.
 _EINSUMS = {
     ("regional", True): ("bmnhd,bmkd->bmnhk", "bmnhk,bmkd->bmnhd"),
     ("regional", False): ("bmnhd,bmkhd->bmhnk", "bmhnk,bmkhd->bmnhd"),
@@ -58,29 +90,36 @@ _EINSUMS = {
 
 
 def _heads(kv, heads: slice):
-    "Keys or values of the query heads `heads`: multi-query [B, M, N, d] are shared; multi-head [B, M, N, h, d] sliced."
+    """Keys or values of the query heads `heads`: multi-query [B, M, N, d] are shared;
+    multi-head [B, M, N, h, d] sliced."""
     return kv if kv.ndim == 4 else kv[..., heads, :]
 
 
 def _scores(q, k, axis: str):
-    "Softmax weights along `axis`, in the layout after '->' in `_EINSUMS[axis, multi_query][0]` (last axis: keys)."
+    """Softmax weights along `axis`, in the layout after '->' in
+    `_EINSUMS[axis, multi_query][0]` (last axis: keys)."""
     return softmax(np.einsum(_EINSUMS[axis, k.ndim == 4][0], q, k), axis=-1)
 
 
 def _along(q, k, v, axis: str):
-    "Attention of the query heads q [B, M, N, h', d] along `axis` ('regional': N, 'dilated': M) -> [B, M, N, h', d]."
+    """Attention of the query heads q [B, M, N, h', d] along `axis`
+    ('regional': N, 'dilated': M) -> [B, M, N, h', d]."""
     return np.einsum(_EINSUMS[axis, v.ndim == 4][1], _scores(q, k, axis), v)
 
 
 def _output(o, params):
-    "Output projection: o [B, M, N, h, d] -> [B, M, N, C] (Algorithm 2: einsum('bhmnv,hdv->bmnd', O, W_o), plus bias)."
-    return np.einsum("bmnhd,hdc->bmnc", o, params["out"]["kernel"]) + params["out"]["bias"]
+    """Output projection: o [B, M, N, h, d] -> [B, M, N, C]
+    (Algorithm 2: einsum('bhmnv,hdv->bmnd', O, W_o), plus bias)."""
+    return (
+        np.einsum("bmnhd,hdc->bmnc", o, params["out"]["kernel"]) + params["out"]["bias"]
+    )
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #14743d04
 def regional_attention(x, params):
     """Blocked local attention (Table 5): every head attends within its block, along N.
 
-    x: blocked map [B, M, N, C]; params: multi-query or multi-head (chapter 2 layout) -> [B, M, N, C].
+    x: blocked map [B, M, N, C]; params: multi-query or multi-head (chapter 2 layout) ->
+    [B, M, N, C].
     """
     check_self_attention(x.shape, params)
     q, k, v = _project(x, params)  # [B, M, N, h, d]; [B, M, N, d] or [B, M, N, h, d]
@@ -88,7 +127,8 @@ def regional_attention(x, params):
 
 
 def dilated_attention(x, params):
-    """Dilated attention: every head attends across blocks, along M, to the tokens at its own in-block position.
+    """Dilated attention: every head attends across blocks, along M, to the tokens at
+    its own in-block position.
 
     x: blocked map [B, M, N, C]; params: multi-query or multi-head -> [B, M, N, C].
     """
@@ -98,46 +138,71 @@ def dilated_attention(x, params):
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #dec2be0e
 def multi_axis_attention(x, params):
-    """Multi-axis blocked self-attention (section 3.2, Algorithm 2), in the release's head order.
+    """Multi-axis blocked self-attention (section 3.2, Algorithm 2), in the release's
+    head order.
 
-    x: blocked map [B, M, N, C] (from `blocking.block`) -> [B, M, N, C]. The first h/2 heads attend within each block
-    (regional, along N), the last h/2 across blocks at the same in-block position (dilated, along M). Multi-query params
-    (key kernel [C, d]) or multi-head params (key kernel [C, h, d]); `num_heads` must be even.
+    x: blocked map [B, M, N, C] (from `blocking.block`) -> [B, M, N, C]. The first h/2
+    heads attend within each block (regional, along N), the last h/2 across blocks at
+    the same in-block position (dilated, along M). Multi-query params
+    (key kernel [C, d]) or multi-head params (key kernel [C, h, d]); `num_heads` must be
+    even.
     """
     check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
     return _multi_axis(x, params)
 
 
 def _multi_axis(x, params):
-    "Multi-axis attention without the checks: first half of the heads along N, second half along M."
+    """Multi-axis attention without the checks: first half of the heads along N, second
+    half along M."""
     q, k, v = _project(x, params)  # q [B, M, N, h, d]
     half = q.shape[3] // 2
     first, second = slice(0, half), slice(half, None)
-    o_regional = _along(q[..., first, :], _heads(k, first), _heads(v, first), "regional")  # [B, M, N, h/2, d]
-    o_dilated = _along(q[..., second, :], _heads(k, second), _heads(v, second), "dilated")  # [B, M, N, h/2, d]
-    o = np.concatenate([o_regional, o_dilated], axis=3)  # [B, M, N, h, d]: "combine attentions within heads"
+    # [B, M, N, h/2, d]
+    o_regional = _along(
+        q[..., first, :], _heads(k, first), _heads(v, first), "regional"
+    )
+    # [B, M, N, h/2, d]
+    o_dilated = _along(
+        q[..., second, :], _heads(k, second), _heads(v, second), "dilated"
+    )
+    # [B, M, N, h, d]: "combine attentions within heads"
+    o = np.concatenate([o_regional, o_dilated], axis=3)
     return _output(o, params)
 
 
 def select_heads(params, heads):
-    """The attention parameters of the heads `heads` (a sequence of head indices: a subset or a permutation).
+    """The attention parameters of the heads `heads`
+    (a sequence of head indices: a subset or a permutation).
 
-    Query kernel [C, h, d] -> [C, h', d], query bias, output kernel [h, d, C] -> [h', d, C]; multi-head key/value kernels
-    and biases likewise; multi-query key/value (shared) and the output bias are kept. Works on NumPy and JAX arrays.
+    Query kernel [C, h, d] -> [C, h', d], query bias, output kernel [h, d, C] ->
+    [h', d, C]; multi-head key/value kernels and biases likewise; multi-query key/value
+    (shared) and the output bias are kept. Works on NumPy and JAX arrays.
     """
     heads = np.asarray(heads, dtype=int)
-    selected = {"query": {"kernel": params["query"]["kernel"][:, heads], "bias": params["query"]["bias"][heads]},
-                "out": {"kernel": params["out"]["kernel"][heads], "bias": params["out"]["bias"]}}
+    selected = {
+        "query": {
+            "kernel": params["query"]["kernel"][:, heads],
+            "bias": params["query"]["bias"][heads],
+        },
+        "out": {
+            "kernel": params["out"]["kernel"][heads],
+            "bias": params["out"]["bias"],
+        },
+    }
     for name in ("key", "value"):
         if is_multi_query(params):
             selected[name] = params[name]
         else:
-            selected[name] = {"kernel": params[name]["kernel"][:, heads], "bias": params[name]["bias"][heads]}
+            selected[name] = {
+                "kernel": params[name]["kernel"][:, heads],
+                "bias": params[name]["bias"][heads],
+            }
     return selected
 
 
 def swap_head_halves(params):
-    "Exchange the two halves of the heads: converts multi-axis weights between the release's order and Algorithm 2's."
+    """Exchange the two halves of the heads: converts multi-axis weights between the
+    release's order and Algorithm 2's."""
     num_heads = np.shape(params["query"]["kernel"])[1]
     half = num_heads // 2
     return select_heads(params, list(range(half, num_heads)) + list(range(half)))
@@ -146,60 +211,86 @@ def swap_head_halves(params):
 def axial_attention(x, params):
     """Axial attention (Table 5): multi-axis attention without blocking.
 
-    x: feature map [B, H, W, C] -> [B, H, W, C]. The first h/2 heads attend along W (within each row), the last h/2
-    along H (within each column). `num_heads` must be even.
+    x: feature map [B, H, W, C] -> [B, H, W, C]. The first h/2 heads attend along W
+    (within each row), the last h/2 along H (within each column). `num_heads` must be
+    even.
     """
-    check_self_attention(x.shape, params, layout="[B, H, W, C]", even_heads_for="axial attention")
-    return _multi_axis(x, params)  # rows play the blocks (M = H), columns the in-block positions (N = W)
+    check_self_attention(
+        x.shape, params, layout="[B, H, W, C]", even_heads_for="axial attention"
+    )
+    # rows play the blocks (M = H), columns the in-block positions (N = W)
+    return _multi_axis(x, params)
 
 
 def full_attention(x, params):
-    """All-to-all self-attention (Table 5) over the H*W tokens of x [B, H, W, C] -> [B, H, W, C] (MQA or MHA params)."""
+    """All-to-all self-attention (Table 5) over the H*W tokens of x [B, H, W, C] ->
+    [B, H, W, C] (MQA or MHA params)."""
     check_self_attention(x.shape, params, layout="[B, H, W, C]")
     batch, height, width, channels = x.shape
-    tokens = x.reshape(batch, 1, height * width, channels)  # [B, 1, H*W, C]: one block holding every token
+    # [B, 1, H*W, C]: one block holding every token
+    tokens = x.reshape(batch, 1, height * width, channels)
     return regional_attention(tokens, params).reshape(batch, height, width, channels)
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #a2c3699e
 def multi_axis_attention_weights(x, params):
     """Attention weights of multi-axis attention, x [B, M, N, C] -> (regional, dilated).
 
-    regional: [B, h/2, M, N, N] (block m, query token n, key token k); dilated: [B, h/2, N, M, M] (in-block position n,
-    query block m, key block k). Every row sums to 1.
+    regional: [B, h/2, M, N, N] (block m, query token n, key token k); dilated:
+    [B, h/2, N, M, M] (in-block position n, query block m, key block k). Every row sums
+    to 1.
     """
     check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
     q, k, _ = _project(x, params)  # q [B, M, N, h, d]
     half = q.shape[3] // 2
     weights = []
-    for axis, heads, layout in (("regional", slice(0, half), "bhmnk"), ("dilated", slice(half, None), "bhnmk")):
+    for axis, heads, layout in (
+        ("regional", slice(0, half), "bhmnk"),
+        ("dilated", slice(half, None), "bhnmk"),
+    ):
         scores = _scores(q[..., heads, :], _heads(k, heads), axis)
-        computed = _EINSUMS[axis, k.ndim == 4][0].split("->")[1]  # the layout the logits were computed in
-        weights.append(np.einsum(f"{computed}->{layout}", scores))  # a transpose, named by its layouts
+        # the layout the logits were computed in
+        computed = _EINSUMS[axis, k.ndim == 4][0].split("->")[1]
+        # a transpose, named by its layouts
+        weights.append(np.einsum(f"{computed}->{layout}", scores))
     return tuple(weights)
 
 
 def multi_axis_attention_matrix(x, params):
-    """Dense attention matrix of multi-axis attention: x [B, M, N, C] -> [B, h, T, T], T = M*N, token t = m*N + n.
+    """Dense attention matrix of multi-axis attention: x [B, M, N, C] -> [B, h, T, T],
+    T = M*N, token t = m*N + n.
 
-    Entry [b, head, t_query, t_key] is the weight of the key in the query's softmax, 0 outside the head's region.
+    Entry [b, head, t_query, t_key] is the weight of the key in the query's softmax, 0
+    outside the head's region.
     """
-    regional, dilated = multi_axis_attention_weights(x, params)  # [B, h/2, M, N, N], [B, h/2, N, M, M]
+    # [B, h/2, M, N, N], [B, h/2, N, M, M]
+    regional, dilated = multi_axis_attention_weights(x, params)
     batch, num_blocks, block_len, _ = x.shape
-    same_block = np.einsum("bhmnk,ml->bhmnlk", regional, np.eye(num_blocks, dtype=regional.dtype))  # key (l, k), l = m
-    same_position = np.einsum("bhnmk,nl->bhmnkl", dilated, np.eye(block_len, dtype=dilated.dtype))  # key (k, l), l = n
+    # key (l, k), l = m
+    same_block = np.einsum(
+        "bhmnk,ml->bhmnlk", regional, np.eye(num_blocks, dtype=regional.dtype)
+    )
+    # key (k, l), l = n
+    same_position = np.einsum(
+        "bhnmk,nl->bhmnkl", dilated, np.eye(block_len, dtype=dilated.dtype)
+    )
     matrix = np.concatenate([same_block, same_position], axis=1)  # [B, h, M, N, M, N]
     tokens = num_blocks * block_len
     return matrix.reshape(batch, matrix.shape[1], tokens, tokens)  # [B, h, T, T]
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #6f9605e8
 def _as_float64(params):
-    return {name: {leaf: np.asarray(value, np.float64) for leaf, value in p.items()} for name, p in params.items()}
+    return {
+        name: {leaf: np.asarray(value, np.float64) for leaf, value in p.items()}
+        for name, p in params.items()
+    }
 
 
 def _region_attention_loops(tokens, params, region):
-    """Attention in which query token t of head `head` attends to the token indices `region(head, t)`.
+    """Attention in which query token t of head `head` attends to the token indices
+    `region(head, t)`.
 
-    tokens: [B, T, C] -> (output [B, T, C], dense attention matrix [B, h, T, T]), float64.
+    tokens: [B, T, C] -> (output [B, T, C], dense attention matrix [B, h, T, T]),
+    float64.
     """
     tokens, p = np.asarray(tokens, np.float64), _as_float64(params)
     batch, num_tokens, _ = tokens.shape
@@ -209,31 +300,46 @@ def _region_attention_loops(tokens, params, region):
     matrix = np.zeros((batch, num_heads, num_tokens, num_tokens))
     for b in range(batch):
         for head in range(num_heads):
-            w_q, b_q = p["query"]["kernel"][:, head], p["query"]["bias"][head]  # [C, d], [d]
-            w_k, b_k, w_v, b_v = (p[name][leaf] if multi_query else p[name][leaf][..., head, :]
-                                  for name in ("key", "value") for leaf in ("kernel", "bias"))
+            # [C, d], [d]
+            w_q, b_q = p["query"]["kernel"][:, head], p["query"]["bias"][head]
+            w_k, b_k, w_v, b_v = (
+                p[name][leaf] if multi_query else p[name][leaf][..., head, :]
+                for name in ("key", "value")
+                for leaf in ("kernel", "bias")
+            )
             for t in range(num_tokens):
-                keys_at = list(region(head, t))  # the query's attention region, as token indices
+                # the query's attention region, as token indices
+                keys_at = list(region(head, t))
                 query = tokens[b, t] @ w_q + b_q  # [d]
-                logits = [float(query @ (tokens[b, s] @ w_k + b_k)) / math.sqrt(head_dim) for s in keys_at]
+                logits = [
+                    float(query @ (tokens[b, s] @ w_k + b_k)) / math.sqrt(head_dim)
+                    for s in keys_at
+                ]
                 exps = [math.exp(logit - max(logits)) for logit in logits]
                 weights = [e / sum(exps) for e in exps]
-                attended = sum(w * (tokens[b, s] @ w_v + b_v) for w, s in zip(weights, keys_at))  # [d]
-                out[b, t] += attended @ p["out"]["kernel"][head]  # this head's share of the output projection
+                # [d]
+                attended = sum(
+                    w * (tokens[b, s] @ w_v + b_v) for w, s in zip(weights, keys_at)
+                )
+                # this head's share of the output projection
+                out[b, t] += attended @ p["out"]["kernel"][head]
                 matrix[b, head, t, keys_at] = weights
     return out, matrix
 
 
 def _blocked_regions(x_shape, params, kind):
-    "region(head, t) on a blocked map [B, M, N, C] flattened to t = m*N + n, for 'regional', 'dilated', 'multi_axis'."
+    """region(head, t) on a blocked map [B, M, N, C] flattened to t = m*N + n, for
+    'regional', 'dilated', 'multi_axis'."""
     _, num_blocks, block_len, _ = x_shape
     half = np.shape(params["query"]["kernel"])[1] // 2
 
     def region(head, t):
         m, n = divmod(t, block_len)
         if kind == "regional" or (kind == "multi_axis" and head < half):
-            return [m * block_len + k for k in range(block_len)]  # every token of block m
-        return [k * block_len + n for k in range(num_blocks)]  # position n of every block
+            # every token of block m
+            return [m * block_len + k for k in range(block_len)]
+        # position n of every block
+        return [k * block_len + n for k in range(num_blocks)]
 
     return region
 
@@ -241,85 +347,141 @@ def _blocked_regions(x_shape, params, kind):
 def regional_attention_loops(x, params):
     "Naive-loop twin of `regional_attention` (float64): x [B, M, N, C] -> [B, M, N, C]."
     check_self_attention(x.shape, params)
-    out, _ = _region_attention_loops(x.reshape(x.shape[0], -1, x.shape[-1]), params,
-                                     _blocked_regions(x.shape, params, "regional"))
+    out, _ = _region_attention_loops(
+        x.reshape(x.shape[0], -1, x.shape[-1]),
+        params,
+        _blocked_regions(x.shape, params, "regional"),
+    )
     return out.reshape(x.shape)
 
 
 def dilated_attention_loops(x, params):
     "Naive-loop twin of `dilated_attention` (float64): x [B, M, N, C] -> [B, M, N, C]."
     check_self_attention(x.shape, params)
-    out, _ = _region_attention_loops(x.reshape(x.shape[0], -1, x.shape[-1]), params,
-                                     _blocked_regions(x.shape, params, "dilated"))
+    out, _ = _region_attention_loops(
+        x.reshape(x.shape[0], -1, x.shape[-1]),
+        params,
+        _blocked_regions(x.shape, params, "dilated"),
+    )
     return out.reshape(x.shape)
 
 
 def multi_axis_attention_loops(x, params):
-    "Naive-loop twin of `multi_axis_attention` (float64): x [B, M, N, C] -> [B, M, N, C]."
+    """Naive-loop twin of `multi_axis_attention` (float64): x [B, M, N, C] ->
+    [B, M, N, C]."""
     check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
-    out, _ = _region_attention_loops(x.reshape(x.shape[0], -1, x.shape[-1]), params,
-                                     _blocked_regions(x.shape, params, "multi_axis"))
+    out, _ = _region_attention_loops(
+        x.reshape(x.shape[0], -1, x.shape[-1]),
+        params,
+        _blocked_regions(x.shape, params, "multi_axis"),
+    )
     return out.reshape(x.shape)
 
 
 def multi_axis_attention_matrix_loops(x, params):
-    "Naive-loop twin of `multi_axis_attention_matrix` (float64): x [B, M, N, C] -> [B, h, T, T]."
+    """Naive-loop twin of `multi_axis_attention_matrix` (float64): x [B, M, N, C] ->
+    [B, h, T, T]."""
     check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
-    _, matrix = _region_attention_loops(x.reshape(x.shape[0], -1, x.shape[-1]), params,
-                                        _blocked_regions(x.shape, params, "multi_axis"))
+    _, matrix = _region_attention_loops(
+        x.reshape(x.shape[0], -1, x.shape[-1]),
+        params,
+        _blocked_regions(x.shape, params, "multi_axis"),
+    )
     return matrix
 
 
 def axial_attention_loops(x, params):
-    "Naive-loop twin of `axial_attention` (float64): x [B, H, W, C]; pixel t = i*W + j; rows for the first half."
-    check_self_attention(x.shape, params, layout="[B, H, W, C]", even_heads_for="axial attention")
+    """Naive-loop twin of `axial_attention` (float64): x [B, H, W, C]; pixel
+    t = i*W + j; rows for the first half."""
+    check_self_attention(
+        x.shape, params, layout="[B, H, W, C]", even_heads_for="axial attention"
+    )
     _, height, width, _ = x.shape
     half = np.shape(params["query"]["kernel"])[1] // 2
 
     def region(head, t):
         i, j = divmod(t, width)
-        return [i * width + k for k in range(width)] if head < half else [k * width + j for k in range(height)]
+        return (
+            [i * width + k for k in range(width)]
+            if head < half
+            else [k * width + j for k in range(height)]
+        )
 
-    out, _ = _region_attention_loops(x.reshape(x.shape[0], -1, x.shape[-1]), params, region)
+    out, _ = _region_attention_loops(
+        x.reshape(x.shape[0], -1, x.shape[-1]), params, region
+    )
     return out.reshape(x.shape)
 
 
 def full_attention_loops(x, params):
-    "Naive-loop twin of `full_attention` (float64): x [B, H, W, C] -> [B, H, W, C]; every pixel attends to all."
+    """Naive-loop twin of `full_attention` (float64): x [B, H, W, C] -> [B, H, W, C];
+    every pixel attends to all."""
     check_self_attention(x.shape, params, layout="[B, H, W, C]")
     num_tokens = x.shape[1] * x.shape[2]
-    out, _ = _region_attention_loops(x.reshape(x.shape[0], -1, x.shape[-1]), params, lambda head, t: range(num_tokens))
+    out, _ = _region_attention_loops(
+        x.reshape(x.shape[0], -1, x.shape[-1]),
+        params,
+        lambda head, t: range(num_tokens),
+    )
     return out.reshape(x.shape)
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #c190620a
 ATTENTION_KINDS = ("full", "axial", "blocked_local", "dilated", "multi_axis")
-_KIND_NAMES = {"full": "full attention", "axial": "axial attention", "blocked_local": "blocked local attention",
-               "dilated": "dilated attention", "multi_axis": "multi-axis attention"}
+_KIND_NAMES = {
+    "full": "full attention",
+    "axial": "axial attention",
+    "blocked_local": "blocked local attention",
+    "dilated": "dilated attention",
+    "multi_axis": "multi-axis attention",
+}
 
 
-def check_attention_kind(kind: str, height: int, width: int, channels: int, num_heads: int, block_size=None):
-    "Raise `ValueError` unless the sizes fit attention of `kind` (one of `ATTENTION_KINDS`)."
+def check_attention_kind(
+    kind: str, height: int, width: int, channels: int, num_heads: int, block_size=None
+):
+    """Raise `ValueError` unless the sizes fit attention of `kind`
+    (one of `ATTENTION_KINDS`)."""
     if kind not in ATTENTION_KINDS:
         raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got kind={kind!r}")
-    for name, value in (("height", height), ("width", width), ("channels", channels), ("num_heads", num_heads)):
+    for name, value in (
+        ("height", height),
+        ("width", width),
+        ("channels", channels),
+        ("num_heads", num_heads),
+    ):
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
     if channels % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide channels={channels} (head_dim d = channels / num_heads)")
+        raise ValueError(
+            f"num_heads={num_heads} must divide channels={channels} (head_dim d = "
+            "channels / num_heads)"
+        )
     if kind in ("axial", "multi_axis") and num_heads % 2:
-        raise ValueError(f"{_KIND_NAMES[kind]} needs an even num_heads, got {num_heads}")
+        raise ValueError(
+            f"{_KIND_NAMES[kind]} needs an even num_heads, got {num_heads}"
+        )
     if kind in ("blocked_local", "dilated", "multi_axis"):
         if block_size is None:
             raise ValueError(f"kind={kind!r} needs a block_size, got block_size=None")
         check_block_size(height, width, block_size)
 
 
-def attention_flops(kind: str, height: int, width: int, channels: int, num_heads: int, block_size=None,
-                    multi_query: bool = True, projections: bool = False) -> int:
-    """Exact multiply-adds of one self-attention layer of `kind` on one height × width × channels map.
+def attention_flops(
+    kind: str,
+    height: int,
+    width: int,
+    channels: int,
+    num_heads: int,
+    block_size=None,
+    multi_query: bool = True,
+    projections: bool = False,
+) -> int:
+    """Exact multiply-adds of one self-attention layer of `kind` on one
+    height × width × channels map.
 
-    Attention core: logits and weighted sum, 2·R·d per query token and head for a region of R tokens. `projections`
-    adds the query, key, value and output projections (multi-query: 2C² + 2Cd per token; multi-head: 4C²).
+    Attention core: logits and weighted sum, 2·R·d per query token and head for a region
+    of R tokens. `projections` adds the query, key, value and output projections
+    (multi-query: 2C² + 2Cd per token; multi-head: 4C²).
     """
     check_attention_kind(kind, height, width, channels, num_heads, block_size)
     tokens, head_dim, half = height * width, channels // num_heads, num_heads // 2
@@ -338,14 +500,19 @@ def attention_flops(kind: str, height: int, width: int, channels: int, num_heads
     return flops
 
 
-def attention_region(kind: str, height: int, width: int, query, half: int = 0, block_size=None):
-    """Boolean [H, W] mask of the pixels that the pixel `query` = (i, j) attends to, from pixel coordinates alone.
+def attention_region(
+    kind: str, height: int, width: int, query, half: int = 0, block_size=None
+):
+    """Boolean [H, W] mask of the pixels that the pixel `query` = (i, j) attends to,
+    from pixel coordinates alone.
 
-    `half` (0 or 1) picks the first or second half of the heads where they differ: axial (rows, columns) and multi-axis
-    (same block, same offset in the block). Blocked kinds need `block_size`.
+    `half` (0 or 1) picks the first or second half of the heads where they differ: axial
+    (rows, columns) and multi-axis (same block, same offset in the block). Blocked kinds
+    need `block_size`.
     """
     i, j = query
-    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")  # [H, W] each
+    # [H, W] each
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     p = block_size
     if kind == "full":
         return np.ones((height, width), bool)
@@ -360,9 +527,18 @@ def attention_region(kind: str, height: int, width: int, query, half: int = 0, b
     raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got kind={kind!r}")
 
 
-def attention_flops_loops(kind: str, height: int, width: int, channels: int, num_heads: int, block_size=None,
-                          multi_query: bool = True, projections: bool = False) -> int:
-    "Naive-loop twin of `attention_flops`: sums 2·|region|·d over every head and pixel, regions from `attention_region`."
+def attention_flops_loops(
+    kind: str,
+    height: int,
+    width: int,
+    channels: int,
+    num_heads: int,
+    block_size=None,
+    multi_query: bool = True,
+    projections: bool = False,
+) -> int:
+    """Naive-loop twin of `attention_flops`: sums 2·|region|·d over every head and
+    pixel, regions from `attention_region`."""
     check_attention_kind(kind, height, width, channels, num_heads, block_size)
     head_dim = channels // num_heads
     flops = 0
@@ -370,12 +546,20 @@ def attention_flops_loops(kind: str, height: int, width: int, channels: int, num
         half = 0 if head < num_heads // 2 else 1
         for i in range(height):
             for j in range(width):
-                region = int(attention_region(kind, height, width, (i, j), half, block_size).sum())
-                flops += 2 * region * head_dim  # logits q·k and weighted sum of v, d multiply-adds each per key
+                region = int(
+                    attention_region(
+                        kind, height, width, (i, j), half, block_size
+                    ).sum()
+                )
+                # logits q·k and weighted sum of v, d multiply-adds each per key
+                flops += 2 * region * head_dim
                 if projections:
-                    flops += channels * head_dim + head_dim * channels  # this head's query and output projections
+                    # this head's query and output projections
+                    flops += channels * head_dim + head_dim * channels
                     if not multi_query:
-                        flops += 2 * channels * head_dim  # this head's key and value projections
+                        # this head's key and value projections
+                        flops += 2 * channels * head_dim
     if projections and multi_query:
-        flops += height * width * 2 * channels * head_dim  # one shared key and value head per token
+        # one shared key and value head per token
+        flops += height * width * 2 * channels * head_dim
     return flops
