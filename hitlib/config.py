@@ -2,7 +2,8 @@
 
 # %% auto #0
 __all__ = ['ATTENTION_KINDS', 'NORM_KINDS', 'COMPUTE_DTYPES', 'PRESETS', 'OVERRIDE_KEYS', 'StageSpec', 'GeneratorConfig',
-           'stages_for_resolution', 'validate', 'apply_overrides', 'get_config']
+           'stages_for_resolution', 'validate', 'parse_value', 'split_overrides', 'apply_overrides', 'get_config',
+           'parameter_counts']
 
 # %% ../notebooks/06_config.ipynb #c1df84cc
 import dataclasses
@@ -36,6 +37,30 @@ class StageSpec:
         "Pixel shuffle leaves C/4 channels; a dense layer follows only when that is not the next width (hit-facts)."
         return self.next_width is not None and self.width // 4 != self.next_width
 
+    @property
+    def num_blocks(self) -> Optional[int]:
+        "M = (H/p)·(W/p), the blocks of a low-resolution stage's map; None otherwise."
+        if self.block_size is None:
+            return None
+        return (self.resolution // self.block_size) ** 2
+
+    @property
+    def block_tokens(self) -> Optional[int]:
+        "N = p·p, the tokens per block; None at high resolution."
+        return None if self.block_size is None else self.block_size**2
+
+    @property
+    def is_balanced(self) -> bool:
+        """Section 3.2's balance `b·b ≈ H/b·W/b`: no block size of this map brings M
+        and N closer (ties count: at 8 pixels blocks of 2 and of 4 are equally far).
+        False at high resolution."""
+        if self.block_size is None:
+            return False
+        size = self.resolution
+        divisors = [p for p in range(1, size + 1) if size % p == 0]
+        closest = min(abs(p * p - (size // p) ** 2) for p in divisors)
+        return abs(self.block_tokens - self.num_blocks) == closest
+
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
@@ -52,6 +77,8 @@ class GeneratorConfig:
     latent_grid: int = 4  # Z is latent_grid × latent_grid tokens (the release: 4×4 = 16 tokens)
     norm: str = "batch"
     multi_query: bool = True
+    # False: no cross-attention and no latent embedding (Table 5's INR decoder)
+    cross_attention: bool = True
     compute_dtype: str = "float32"
     mlp_ratio: int = 4
 
@@ -77,6 +104,11 @@ class GeneratorConfig:
         "Table 6's `[a, b]`: the number of low-resolution (attention) and high-resolution stages."
         a = sum(b is not None for b in self.block_sizes)
         return (a, self.num_stages - a)
+
+    @property
+    def balanced_blocking(self) -> bool:
+        "Table 5's last row: every low-resolution stage blocked in a balanced way."
+        return all(s.is_balanced for s in self.stages if s.is_low_resolution)
 
 # %% ../notebooks/06_config.ipynb #6c63f804
 def stages_for_resolution(resolution: int) -> int:
@@ -109,6 +141,9 @@ def validate(config: "GeneratorConfig"):
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got compute_dtype={config.compute_dtype!r}")
     if not isinstance(config.multi_query, bool):
         raise ValueError(f"multi_query must be true or false, got multi_query={config.multi_query!r}")
+    if not isinstance(config.cross_attention, bool):
+        raise ValueError("cross_attention must be true or false, "
+                         f"got cross_attention={config.cross_attention!r}")
     seen_high_resolution = False
     for i in range(n):
         resolution, width, heads, block = 8 * 2**i, config.widths[i], config.num_heads[i], config.block_sizes[i]
@@ -169,7 +204,8 @@ PRESETS = {
 # %% ../notebooks/06_config.ipynb #c25c68a4
 _PER_STAGE = ("widths", "num_layers", "num_heads", "block_sizes", "attention")
 _SCALARS = {"resolution": int, "latent_dim": int, "latent_grid": int, "norm": str, "multi_query": bool,
-            "compute_dtype": str, "mlp_ratio": int, "name": str}
+            "cross_attention": bool, "compute_dtype": str, "mlp_ratio": int,
+            "name": str}
 _SPECIAL = ("attention_stages",)
 OVERRIDE_KEYS = tuple(sorted(_SCALARS)) + _PER_STAGE + _SPECIAL
 
@@ -180,19 +216,45 @@ def _balanced_block_size(size: int) -> int:
     return min(candidates, key=lambda p: (abs(p * p - size * size // (p * p)), -p))
 
 
-def _parse_value(key: str, text: str, kind):
+def parse_value(key: str, text: str, kind):
+    """The value of override `key=text` as `kind` (bool, int, float or str): the one
+    parser of `key=value` text, for generator keys here and training keys (chapter 11d)."""
     if kind is bool:
         if text.lower() in ("true", "1", "yes"):
             return True
         if text.lower() in ("false", "0", "no"):
             return False
         raise ValueError(f"override {key}={text!r}: expected true or false")
-    if kind is int:
+    if kind in (int, float):
         try:
-            return int(text)
+            return kind(text)
         except ValueError:
-            raise ValueError(f"override {key}={text!r}: expected an integer") from None
+            expected = "an integer" if kind is int else "a number"
+            raise ValueError(f"override {key}={text!r}: expected {expected}") from None
     return text
+
+
+def split_overrides(overrides) -> list:
+    "`['key=value', ...]` -> [(key, value text), ...], refusing a word without `=`."
+    items = []
+    for override in overrides:
+        if "=" not in override:
+            raise ValueError(f"override {override!r} must look like key=value")
+        key, text = override.split("=", 1)
+        items.append((key.strip(), text.strip()))
+    return items
+
+
+def _one_block_size(value):
+    "The integer of `block_sizes=p` (text without commas, or an int), else None."
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and "," not in value:
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _parse_stage_values(key: str, text: str, num_stages: int):
@@ -202,22 +264,14 @@ def _parse_stage_values(key: str, text: str, num_stages: int):
     if key == "attention":
         return tuple(items)
     if key == "block_sizes":
-        return tuple(None if item.lower() == "none" else _parse_value(f"{key}", item, int) for item in items)
-    return tuple(_parse_value(key, item, int) for item in items)
+        return tuple(None if item.lower() == "none" else parse_value(f"{key}", item, int) for item in items)
+    return tuple(parse_value(key, item, int) for item in items)
 
 
 def apply_overrides(fields: dict, overrides) -> dict:
     "Apply `key=value` strings (or a dict of already-typed values) to preset `fields`; unknown keys raise `ValueError`."
     fields = dict(fields)
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for override in overrides:
-            if "=" not in override:
-                raise ValueError(f"override {override!r} must look like key=value")
-            key, text = override.split("=", 1)
-            items.append((key.strip(), text.strip()))
+    items = list(overrides.items()) if isinstance(overrides, dict) else split_overrides(overrides)
     for key, value in items:
         if key not in OVERRIDE_KEYS:
             close = difflib.get_close_matches(key, OVERRIDE_KEYS, n=1)
@@ -225,9 +279,9 @@ def apply_overrides(fields: dict, overrides) -> dict:
             raise ValueError(f"unknown override key {key!r}{hint} (known keys: {', '.join(OVERRIDE_KEYS)})")
         is_text = isinstance(value, str)
         if key in _SCALARS:
-            fields[key] = _parse_value(key, value, _SCALARS[key]) if is_text else value
+            fields[key] = parse_value(key, value, _SCALARS[key]) if is_text else value
         elif key == "attention_stages":
-            a = _parse_value(key, value, int) if is_text else value
+            a = parse_value(key, value, int) if is_text else value
             n = len(fields["widths"])
             if not 0 <= a < n:
                 raise ValueError(f"attention_stages={a} must be in [0, {n - 1}]: at least one stage must be high "
@@ -238,6 +292,10 @@ def apply_overrides(fields: dict, overrides) -> dict:
         elif key == "block_sizes" and is_text and value.strip().lower() == "balanced":
             fields[key] = tuple(None if b is None else _balanced_block_size(8 * 2**i)
                                 for i, b in enumerate(fields["block_sizes"]))
+        elif key == "block_sizes" and _one_block_size(value) is not None:
+            size = _one_block_size(value)  # size × size in every low-resolution stage
+            blocks = fields["block_sizes"]
+            fields[key] = tuple(None if b is None else size for b in blocks)
         else:
             fields[key] = _parse_stage_values(key, value, len(fields["widths"])) if is_text else tuple(value)
     return fields
@@ -250,3 +308,51 @@ def get_config(name: str, overrides=()) -> GeneratorConfig:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
     return GeneratorConfig(**apply_overrides(PRESETS[name], overrides))
+
+# %% ../notebooks/06_config.ipynb #a5b7c103
+def _dense_count(c_in: int, c_out: int) -> int:
+    return c_in * c_out + c_out  # kernel [C_in, C_out], bias [C_out]
+
+
+def _mlp_block_count(width: int, mlp_ratio: int) -> int:
+    "norm, Dense(C -> rC), Dense(rC -> C)."
+    hidden = mlp_ratio * width
+    return 2 * width + _dense_count(width, hidden) + _dense_count(hidden, width)
+
+
+def _attention_block_count(width: int, heads: int, kv_width: int, config) -> int:
+    """norm, attention (query [C, h, d], key and value [C_kv, d] or [C_kv, h, d],
+    out [h, d, C], all with biases), then an MLP block."""
+    d = width // heads
+    kv = d if config.multi_query else heads * d  # one key/value head, or one per head
+    query, out = width * heads * d + heads * d, heads * d * width + width
+    attention = query + 2 * (kv_width * kv + kv) + out
+    return 2 * width + attention + _mlp_block_count(width, config.mlp_ratio)
+
+
+def parameter_counts(config: "GeneratorConfig") -> dict:
+    """Trainable parameters of the generator `config` describes, from shapes alone:
+    {"initial": z -> 8·8·C0, "latent": z -> Z (0 without cross-attention),
+    "stages": [one count per stage], "total"}. Batch norm's running mean and var are
+    not counted (they are not trained)."""
+    c0, tokens, ratio = config.widths[0], config.latent_grid**2, config.mlp_ratio
+    initial = _dense_count(config.latent_dim, 64 * c0)
+    latent = 0
+    if config.cross_attention:  # dense z -> L·C0, position embedding [L, C0], norm
+        latent = _dense_count(config.latent_dim, tokens * c0) + tokens * c0 + 2 * c0
+    stages = []
+    for s in config.stages:
+        count = s.resolution**2 * s.width  # position embedding [H, W, C]
+        if config.cross_attention:
+            count += _attention_block_count(s.width, s.num_heads, c0, config)
+        if s.is_low_resolution:
+            block = _attention_block_count(s.width, s.num_heads, s.width, config)
+            count += s.num_layers * block
+        else:
+            count += s.num_layers * _mlp_block_count(s.width, ratio)
+            count += 2 * s.width + _dense_count(s.width, 3)  # to-RGB: norm, Dense(C->3)
+        if s.needs_transition_dense:
+            count += _dense_count(s.width // 4, s.next_width)
+        stages.append(count)
+    return {"initial": initial, "latent": latent, "stages": stages,
+            "total": initial + latent + sum(stages)}

@@ -192,7 +192,11 @@ class Stage(nnx.Module):
         self.spec, self.norm_kind = spec, config.norm
         width = spec.width
         self.pos = nnx.Param(_truncated_normal(rngs.params(), (spec.resolution, spec.resolution, width), jnp.float32))
-        self.cross = AttentionBlock(width, spec.num_heads, config.widths[0], config, rngs=rngs)
+        # None in Table 5's INR decoder; one assignment (NNX fixes an attribute's kind
+        # when it is first set)
+        cross = config.cross_attention
+        self.cross = AttentionBlock(width, spec.num_heads, config.widths[0], config,
+                                    rngs=rngs) if cross else None
         if spec.is_low_resolution:
             self.blocks = nnx.List([AttentionBlock(width, spec.num_heads, width, config, rngs=rngs)
                                     for _ in range(spec.num_layers)])
@@ -204,7 +208,8 @@ class Stage(nnx.Module):
         self.transition = Dense(width // 4, spec.next_width, rngs=rngs) if spec.needs_transition_dense else None
 
     def __call__(self, x, latent, image, train: bool = False, tiled: bool = True):
-        """x [B, H, W, C], latent [B, L, C0], image [B, H/2, W/2, 3] or None
+        """x [B, H, W, C], latent [B, L, C0] (None without cross-attention),
+        image [B, H/2, W/2, 3] or None
         -> (x for the next stage [B, 2H, 2W, C_next] (the last stage: its own map), image [B, H, W, 3] or None).
         tiled: run a high-resolution stage tile by tile at inference (same numbers, less memory traffic)."""
         spec = self.spec
@@ -213,7 +218,8 @@ class Stage(nnx.Module):
             x, rgb = self._per_pixel_tiled(x, latent)
             image = rgb_skip(image, rgb)
         else:
-            x = self.cross.cross_attend(x, latent, train)
+            if self.cross is not None:
+                x = self.cross.cross_attend(x, latent, train)
             for layer, block_module in enumerate(self.blocks):
                 if spec.is_low_resolution:
                     x = block_module.self_attend(x, spec.attention, spec.block_size, layer, train)
@@ -237,7 +243,8 @@ class Stage(nnx.Module):
         tiles = x.reshape(batch, height * width // size, size, channels).transpose(1, 0, 2, 3)  # [T/S, B, S, C]
 
         def stage_on_tile(tile):  # [B, S, C]
-            tile = self.cross.cross_attend(tile, latent)
+            if self.cross is not None:
+                tile = self.cross.cross_attend(tile, latent)
             for block_module in self.blocks:
                 tile = block_module(tile)
             return tile, self.to_rgb(tile).astype(jnp.float32)
@@ -260,7 +267,10 @@ class Generator(nnx.Module):
         self.config = config
         c0 = config.widths[0]
         self.initial = Dense(config.latent_dim, 8 * 8 * c0, rngs=rngs)
-        self.latent = LatentEmbedding(config.latent_dim, c0, config.latent_grid, config.norm, rngs=rngs)
+        # None without cross-attention: nothing else reads Z
+        cross = config.cross_attention
+        self.latent = LatentEmbedding(config.latent_dim, c0, config.latent_grid,
+                                      config.norm, rngs=rngs) if cross else None
         self.stages = nnx.List([Stage(spec, config, rngs=rngs) for spec in config.stages])
 
     def __call__(self, z, train: bool = False):
@@ -269,7 +279,7 @@ class Generator(nnx.Module):
             raise ValueError(f"z must have shape [B, latent_dim={config.latent_dim}], got {z.shape}")
         z = z.astype(compute_dtype(config))
         x = self.initial(z).reshape(z.shape[0], 8, 8, config.widths[0])  # [B, 8, 8, C0]
-        latent = self.latent(z, train)  # [B, L, C0]
+        latent = None if self.latent is None else self.latent(z, train)  # [B, L, C0]
         image = None
         for stage in self.stages:
             x, image = stage(x, latent, image, train)
@@ -354,7 +364,9 @@ def stage_activation_bytes(spec: StageSpec, config: GeneratorConfig) -> int:
     "A lower bound on a training step's stored activations per image for one stage, float32 (see the chapter)."
     tokens, width = spec.resolution ** 2, spec.width
     per_block = tokens * width * 3 + tokens * width * config.mlp_ratio  # input, norm, residual; MLP hidden
-    entries = (1 + spec.num_layers) * per_block + tokens * config.latent_grid ** 2 * spec.num_heads
+    entries = spec.num_layers * per_block
+    if config.cross_attention:  # one more block, and attention weights over L tokens
+        entries += per_block + tokens * config.latent_grid ** 2 * spec.num_heads
     if spec.is_low_resolution:
         entries += spec.num_layers * _attention_weights_per_image(spec)
     return 4 * entries
@@ -364,14 +376,17 @@ def summary(config: GeneratorConfig, flops: bool = True) -> dict:
     """Parameters (total, input layers, per stage), batch statistics, FLOPs per image and activation memory of `config`,
     computed from shapes only. Keys: params, params_input, batch_stats, flops, activation_mb, stages (list of dicts)."""
     model = abstract_generator(config)
+    inputs = [model.initial]  # z -> the initial map, and z -> Z with cross-attention
+    if model.latent is not None:
+        inputs.append(model.latent)
     result = {"name": config.name, "resolution": config.resolution,
               "params": _count(nnx.state(model, nnx.Param)),
-              "params_input": _count(nnx.state(model.initial, nnx.Param)) + _count(nnx.state(model.latent, nnx.Param)),
+              "params_input": sum(_count(nnx.state(m, nnx.Param)) for m in inputs),
               "batch_stats": _count(nnx.state(model, nnx.BatchStat)), "stages": []}
     dtype = compute_dtype(config)
     if flops:
-        result["flops_input"] = _flops(model.initial, jax.ShapeDtypeStruct((1, config.latent_dim), dtype)) + \
-            _flops(model.latent, jax.ShapeDtypeStruct((1, config.latent_dim), dtype))
+        z = jax.ShapeDtypeStruct((1, config.latent_dim), dtype)
+        result["flops_input"] = sum(_flops(module, z) for module in inputs)
     image = None
     for spec, stage in zip(config.stages, model.stages):
         entry = {"index": spec.index, "resolution": spec.resolution, "width": spec.width, "num_layers": spec.num_layers,
@@ -381,7 +396,10 @@ def summary(config: GeneratorConfig, flops: bool = True) -> dict:
                  "activation_mb": stage_activation_bytes(spec, config) / 2**20}
         if flops:
             x = jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, spec.width), dtype)
-            latent = jax.ShapeDtypeStruct((1, config.latent_grid ** 2, config.widths[0]), dtype)
+            latent = None
+            if config.cross_attention:
+                tokens = config.latent_grid ** 2
+                latent = jax.ShapeDtypeStruct((1, tokens, config.widths[0]), dtype)
             entry["flops"] = _flops(stage, x, latent, image, tiled=False)
             if not spec.is_low_resolution:
                 image = jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, 3), jnp.float32)

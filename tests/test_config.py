@@ -1,9 +1,12 @@
 """Chapter 6: presets reproduce Table 9 / A.2 / the release; overrides; impossible configs fail naming the field."""
+import dataclasses
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hitlib.config import PRESETS, GeneratorConfig, get_config, stages_for_resolution
+from hitlib.config import (ATTENTION_KINDS, NORM_KINDS, PRESETS, GeneratorConfig,
+                           get_config, parameter_counts, stages_for_resolution)
 from hitlib.reference.blocking import balanced_block_size
 
 PRESET_NAMES = ["hit-s-256", "hit-b-256", "hit-l-256", "hit-b-1024", "hit-l-128",
@@ -88,6 +91,9 @@ def test_overrides_typed_and_dict():
         ("tiny", ["attention_stages=3"], "attention_stages=3 must be in [0, 2]"),
         ("tiny", ["norm"], "must look like key=value"),
         ("tiny", ["num_heads=2,4,4", "widths=130,64,32"], "widths[0]=130 must be divisible by 4"),
+        ("tiny", ["cross_attention=maybe"], "expected true or false"),
+        ("tiny", {"cross_attention": 1}, "cross_attention must be true or false"),
+        ("tiny", ["block_sizes=3"], "block_sizes[0]=3 does not divide"),
     ],
 )
 def test_impossible_configs_name_the_field(name, overrides, message):
@@ -119,3 +125,123 @@ def test_random_valid_configs_construct(data):
     assert config.attention_stages == (a, n - a)
     for s in config.stages:
         assert s.needs_transition_dense == (s.next_width is not None and s.width // 4 != s.next_width)
+
+
+# ---- the ablation switches of Tables 5-8 (chapter 6's last section) ------------------
+
+INR = ["cross_attention=false", "attention_stages=0"]  # Table 5's first row
+
+
+def test_cross_attention_switch():
+    assert all(get_config(name).cross_attention is True for name in PRESET_NAMES)
+    assert get_config("tiny", ["cross_attention=false"]).cross_attention is False
+    assert get_config("tiny", {"cross_attention": False}).cross_attention is False
+    inr = get_config("hit-l-128", INR)
+    assert (inr.cross_attention, inr.attention_stages) == (False, (0, 5))
+    for bad in (1, 0.0, None):
+        with pytest.raises(ValueError, match="cross_attention must be true or false"):
+            get_config("tiny", {"cross_attention": bad})
+    with pytest.raises(ValueError, match="cross_attention='maybe': expected true or"):
+        get_config("tiny", ["cross_attention=maybe"])
+
+
+def test_every_switch_of_tables_5_to_8_is_a_field():
+    for kind in ATTENTION_KINDS:  # Table 5's attention rows
+        config = get_config("hit-l-128", [f"attention={kind}"])
+        assert config.attention[:4] == (kind,) * 4
+    for norm in NORM_KINDS:  # Table 8 left
+        assert get_config("hit-l-128", [f"norm={norm}"]).norm == norm
+    for value, expected in (("true", True), ("false", False)):  # Table 8 right
+        assert get_config("hit-l-128", [f"multi_query={value}"]).multi_query is expected
+    for a in range(5):  # Table 6
+        config = get_config("hit-l-128", [f"attention_stages={a}"])
+        assert config.attention_stages == (a, 5 - a)
+
+
+def test_one_block_size_for_every_attention_stage():
+    config = get_config("hit-l-128", ["block_sizes=4"])
+    assert config.block_sizes == (4, 4, 4, 4, None)
+    assert get_config("hit-l-128", {"block_sizes": 2}).block_sizes == (2, 2, 2, 2, None)
+    # overrides apply in order: only the attention stages left by attention_stages=2
+    ordered = get_config("hit-l-128", ["attention_stages=2", "block_sizes=2"])
+    assert ordered.block_sizes == (2, 2, None, None, None)
+    with pytest.raises(ValueError, match="block_sizes\\[0\\]=3 does not divide"):
+        get_config("hit-l-128", ["block_sizes=3"])
+    with pytest.raises(ValueError, match="block_sizes\\[0\\] must be a positive"):
+        get_config("hit-l-128", ["block_sizes=0"])
+
+
+def test_blocks_and_tokens_per_stage():
+    stages = get_config("hit-l-128").stages
+    assert [(s.num_blocks, s.block_tokens) for s in stages] == [
+        (4, 16), (16, 16), (16, 64), (64, 64), (None, None)]
+    assert [s.is_balanced for s in stages] == [True, True, True, True, False]
+
+
+def test_balanced_and_unbalanced_blocking():
+    assert all(get_config(name).balanced_blocking for name in PRESET_NAMES)
+    unbalanced = get_config("hit-l-128", ["block_sizes=4"])  # 256 blocks of 16 at 64 px
+    assert not unbalanced.balanced_blocking
+    assert [s.is_balanced for s in unbalanced.stages[:4]] == [True, True, True, False]
+    # at the tiny size blocks of 4 are the balanced ones; blocks of 2 are not (16 px)
+    assert get_config("tiny", ["block_sizes=4"]).balanced_blocking
+    assert not get_config("tiny", ["block_sizes=2"]).balanced_blocking
+    again = get_config("hit-l-128", ["block_sizes=4", "block_sizes=balanced"])
+    assert again.balanced_blocking
+
+
+@pytest.mark.parametrize("size", [8, 16, 32, 64, 128, 256])
+def test_is_balanced_agrees_with_the_numpy_reference(size):
+    "A block size is balanced when its |M - N| is that of chapter 1's balanced size."
+    best = balanced_block_size(size, size)
+    target = abs(best * best - (size // best) ** 2)
+    stage = get_config("tiny").stages[0]
+    for p in [p for p in range(1, size + 1) if size % p == 0]:
+        spec = dataclasses.replace(stage, resolution=size, block_size=p)
+        assert spec.num_blocks * spec.block_tokens == size * size
+        assert spec.is_balanced == (abs(p * p - (size // p) ** 2) == target), (size, p)
+    assert dataclasses.replace(stage, resolution=size, block_size=best).is_balanced
+
+
+# The paper's parameter counts (millions) for the rows and columns where it gives one.
+TABLE_COUNTS = [
+    (INR, 42.68),  # Table 5: latent-code conditioned INR decoder
+    (["attention_stages=0"], 61.55),  # Table 5: + cross-attention; Table 6 [0, 5]
+    (["attention=full"], 67.60),
+    (["attention=axial"], 67.60),
+    (["attention=blocked_local"], 67.60),
+    ([], 67.60),  # the full model (balanced multi-axis)
+    (["attention_stages=1"], 66.01),
+    (["attention_stages=2"], 67.19),
+    (["attention_stages=3"], 67.52),
+    (["attention_stages=4"], 67.60),
+]
+
+
+@pytest.mark.parametrize("overrides, millions", TABLE_COUNTS)
+def test_parameter_counts_of_tables_5_and_6(overrides, millions):
+    count = parameter_counts(get_config("hit-l-128", overrides))["total"]
+    assert round(count / 1e6, 2) == millions
+
+
+def test_inr_decoder_count_is_exact_and_only_this_reading_gives_it():
+    inr = parameter_counts(get_config("hit-l-128", INR))
+    assert inr["total"] == 42_683_407 and inr["latent"] == 0
+    assert inr["initial"] == 256 * 64 * 1024 + 64 * 1024  # z enters here only
+    with_cross = parameter_counts(get_config("hit-l-128", ["attention_stages=0"]))
+    # keeping the latent embedding, or the cross-attention blocks' MLPs, misses 42.68M
+    assert round((inr["total"] + with_cross["latent"]) / 1e6, 2) == 46.91
+    assert round(with_cross["total"] / 1e6, 2) == 61.55
+
+
+@pytest.mark.parametrize("overrides", [[], ["attention=interleaved"], ["block_sizes=4"],
+                                       ["norm=layer"]])
+def test_switches_without_a_paper_count_keep_the_full_models_parameters(overrides):
+    "Attention kinds and blocking share weights; LayerNorm has BatchNorm's parameters."
+    assert parameter_counts(get_config("hit-l-128", overrides))["total"] == 67_602_435
+
+
+def test_multi_head_attention_counts_one_key_value_head_per_query_head():
+    mqa = parameter_counts(get_config("hit-l-128"))["total"]
+    mha = parameter_counts(get_config("hit-l-128", ["multi_query=false"]))["total"]
+    assert round(mha / 1e6, 2) == 76.38 and mha > mqa

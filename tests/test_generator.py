@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hitlib.config import get_config
+from hitlib.config import PRESETS, get_config, parameter_counts
 from hitlib.generator import Generator, Norm, load_reference_params, reference_params, summary
 from hitlib.reference import generator as ref
 from hitlib.reference import layers as ref_layers
@@ -27,10 +27,16 @@ MOMENTUM = 0.99  # Keras' BatchNormalization, the release's
 
 SMALL = ["tiny", "norm=layer", "multi_query=false", "attention=full", "attention=axial", "attention=blocked_local",
          "attention=interleaved"]
+# The switches of Tables 5-8 that chapter 6 added: unbalanced blocks, no cross-attention
+# (Table 10's "only blocked multi-axis attention"), Table 5's latent-code conditioned
+# INR decoder.
+INR = "cross_attention=false attention_stages=0"
+SWITCHES = ["block_sizes=2", "cross_attention=false", INR]
 
 
 def small_config(variant="tiny"):
-    overrides = [] if variant == "tiny" else [variant]
+    "The small parity configuration with `variant` (space-separated overrides) applied."
+    overrides = [] if variant == "tiny" else variant.split()
     if variant == "attention=interleaved":
         overrides.append("num_layers=2")
     return get_config("tiny", overrides + ["latent_dim=16", "widths=32,16,16", "num_heads=4,2,2"])
@@ -71,7 +77,7 @@ def batch_norm_paths(tree, path=()):
             yield from batch_norm_paths(value, path + (key,))
 
 
-@pytest.mark.parametrize("variant", SMALL)
+@pytest.mark.parametrize("variant", SMALL + SWITCHES)
 @pytest.mark.parametrize("train", [True, False])
 def test_flax_equals_numpy_end_to_end(variant, train):
     config = small_config(variant)
@@ -83,17 +89,22 @@ def test_flax_equals_numpy_end_to_end(variant, train):
     np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
 
 
-def test_flax_equals_numpy_per_stage():
-    config = small_config()
+@pytest.mark.parametrize("variant", ["tiny", "cross_attention=false", INR])
+def test_flax_equals_numpy_per_stage(variant):
+    config = small_config(variant)
     model, params = random_pair(config, seed=3)
     z = np.random.default_rng(2).standard_normal((2, config.latent_dim)).astype(np.float32)
-    latent = ref.latent_embedding(z, params["latent"], config)
-    np.testing.assert_allclose(np.asarray(model.latent(jnp.asarray(z), train=True)), latent, rtol=RTOL, atol=ATOL)
+    latent = None
+    if config.cross_attention:
+        latent = ref.latent_embedding(z, params["latent"], config)
+        actual = np.asarray(model.latent(jnp.asarray(z), train=True))
+        np.testing.assert_allclose(actual, latent, rtol=RTOL, atol=ATOL)
     x = np.random.default_rng(4).standard_normal((2, 8, 8, config.widths[0])).astype(np.float32)
     image = None
     for spec, stage, stage_params in zip(config.stages, model.stages, params["stages"]):
         expected_x, expected_image = ref.generator_stage(x, latent, image, stage_params, spec, config)
-        actual_x, actual_image = stage(jnp.asarray(x), jnp.asarray(latent),
+        latent_j = None if latent is None else jnp.asarray(latent)
+        actual_x, actual_image = stage(jnp.asarray(x), latent_j,
                                        None if image is None else jnp.asarray(image), train=True)
         if expected_image is not None:
             np.testing.assert_allclose(np.asarray(actual_image), expected_image, rtol=RTOL, atol=ATOL)
@@ -101,8 +112,10 @@ def test_flax_equals_numpy_per_stage():
         x, image = expected_x, expected_image
 
 
-@pytest.mark.parametrize("variant", ["tiny", "multi_query=false", "attention=axial"])
-def test_training_mode_statistics_equal_numpy(variant):
+@pytest.mark.parametrize("variant, num_norms", [("tiny", 13), ("multi_query=false", 13),
+                                               ("attention=axial", 13),
+                                               ("cross_attention=false", 6), (INR, 6)])
+def test_training_mode_statistics_equal_numpy(variant, num_norms):
     """After one training-mode call on the same weights, every batch norm's running mean and var equal the
     oracle's (chapter 5a's `batch_norm_running_update` of that norm's input; rtol 1e-5, atol 1e-7), and
     nothing else moved."""
@@ -113,7 +126,7 @@ def test_training_mode_statistics_equal_numpy(variant):
     records, trained = oracle_running_updates(params, z, config), reference_params(model)
     after = dict(batch_norm_paths(trained))
     norms = list(batch_norm_paths(params))
-    assert len(records) == len(norms) == len(after) == 13
+    assert len(records) == len(norms) == len(after) == num_norms
     for path, p in norms:
         for key in ("mean", "var"):
             np.testing.assert_allclose(after[path][key], records[id(p)][2][key], rtol=STATS_RTOL,
@@ -198,6 +211,104 @@ def test_parameter_counts_reproduce_the_paper(name, millions):
 def test_table6_parameter_counts(a, millions):
     config = get_config("hit-l-128", [f"attention_stages={a}"])
     assert round(summary(config, flops=False)["params"] / 1e6, 2) == millions
+
+
+# Table 5's rows where the paper gives a count (millions), as overrides of hit-l-128.
+TABLE5 = [(INR, 42.68), ("attention_stages=0", 61.55), ("attention=full", 67.60),
+          ("attention=axial", 67.60), ("attention=blocked_local", 67.60), ("", 67.60)]
+
+
+@pytest.mark.parametrize("variant, millions", TABLE5)
+def test_table5_parameter_counts(variant, millions):
+    config = get_config("hit-l-128", variant.split())
+    result = summary(config, flops=False)
+    assert round(result["params"] / 1e6, 2) == millions
+    assert result["params"] == parameter_counts(config)["total"]
+
+
+@pytest.mark.parametrize("name, variant", [(name, "") for name in sorted(PRESETS)] + [
+    ("hit-l-128", v) for v in (INR, "cross_attention=false", "attention=interleaved",
+                               "block_sizes=4", "norm=layer", "multi_query=false")])
+def test_summary_equals_chapter_6_parameter_counts(name, variant):
+    "The model's variables, counted from shapes, equal chapter 6's formula, per stage."
+    config = get_config(name, variant.split())
+    result, formula = summary(config, flops=False), parameter_counts(config)
+    assert result["params"] == formula["total"]
+    assert result["params_input"] == formula["initial"] + formula["latent"]
+    assert [stage["params"] for stage in result["stages"]] == formula["stages"]
+
+
+@pytest.mark.parametrize("variant",
+                         ["tiny"] + SWITCHES + ["multi_query=false", "norm=layer"])
+def test_reference_tree_equals_chapter_6_parameter_counts(variant):
+    config = get_config("tiny", [] if variant == "tiny" else variant.split())
+    params = ref.init_generator_params(config, np.random.default_rng(0))
+    formula = parameter_counts(config)
+    assert ref.count_parameters(params) == formula["total"]
+    per_stage = [ref.count_parameters(stage) for stage in params["stages"]]
+    assert per_stage == formula["stages"]
+
+
+def test_default_tree_is_unchanged_by_the_switch():
+    "cross_attention=True (the default) draws the same weights in the same order."
+    config = small_config()
+    params = ref.init_generator_params(config, np.random.default_rng(0))
+    assert list(params) == ["initial", "latent", "stages"]
+    assert all(list(stage)[:2] == ["pos", "cross"] for stage in params["stages"])
+    explicit = get_config("tiny", ["cross_attention=true", "latent_dim=16",
+                                   "widths=32,16,16", "num_heads=4,2,2"])
+    again = ref.init_generator_params(explicit, np.random.default_rng(0))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inr_decoder_reads_z_through_the_initial_map_only():
+    config = small_config(INR)
+    model, params = random_pair(config, seed=2)
+    assert model.latent is None and all(stage.cross is None for stage in model.stages)
+    assert "latent" not in params
+    assert not any("cross" in stage for stage in params["stages"])
+    z = np.random.default_rng(3).standard_normal((2, config.latent_dim))
+    z = z.astype(np.float32)
+    images = ref.generator(params, z, config)
+    assert images.shape == (2, 32, 32, 3) and np.all(np.isfinite(images))
+    params["initial"]["kernel"] = params["initial"]["kernel"] + 0.1
+    assert not np.allclose(ref.generator(params, z, config), images)
+    result = summary(config)
+    assert result["params_input"] == config.latent_dim * 64 * 32 + 64 * 32
+    assert result["flops"] > 0
+    with_cross = summary(small_config("attention_stages=0"))
+    assert result["activation_mb"] < with_cross["activation_mb"]
+
+
+def test_inr_decoder_gradients_reach_every_parameter():
+    "No attention at all, so no key bias either: every parameter gets a gradient."
+    config = small_config(INR)
+    graphdef, params, stats = nnx.split(Generator(config, rngs=nnx.Rngs(0)), nnx.Param,
+                                        nnx.BatchStat)
+    z = jax.random.normal(jax.random.key(0), (2, config.latent_dim))
+
+    @jax.jit
+    def loss(params, stats, z):
+        model = nnx.merge(graphdef, params, stats, copy=True)
+        return jnp.mean((model(z, train=True) - 0.5) ** 2)
+
+    grads = jax.tree.leaves(jax.grad(loss)(params, stats, z))
+    assert grads and all(np.all(np.isfinite(g)) and np.any(g != 0) for g in grads)
+
+
+def test_tiled_inference_without_cross_attention(monkeypatch):
+    "The high-resolution stages' tiles skip cross-attention when there is none."
+    from hitlib import generator as generator_module
+    monkeypatch.setattr(generator_module, "INFERENCE_TILE_TOKENS", 96)
+    for variant in ("cross_attention=false", INR):
+        config = small_config(variant)
+        model, params = random_pair(config, seed=5)
+        z = np.random.default_rng(6).standard_normal((3, config.latent_dim))
+        z = z.astype(np.float32)
+        expected = ref.generator(params, z, config, use_running_average=True)
+        actual = np.asarray(model(jnp.asarray(z), train=False))
+        np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
 
 
 def test_summary_stages_add_up():

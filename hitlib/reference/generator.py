@@ -31,8 +31,11 @@ def init_stage(rng, spec: StageSpec, config: GeneratorConfig, bias_std: float = 
     width, kv_width, norm = spec.width, config.widths[0], config.norm
     attention_block = dict(norm=norm, multi_query=config.multi_query, mlp_ratio=config.mlp_ratio, bias_std=bias_std,
                            random_norm=random_norm)
-    params = {"pos": truncated_normal(rng, (spec.resolution, spec.resolution, width)),  # P_l [H, W, C]
-              "cross": init_attention_block(rng, width, spec.num_heads, kv_width, **attention_block)}
+    size = spec.resolution
+    params = {"pos": truncated_normal(rng, (size, size, width))}  # P_l [H, W, C]
+    if config.cross_attention:
+        params["cross"] = init_attention_block(rng, width, spec.num_heads, kv_width,
+                                               **attention_block)
     if spec.is_low_resolution:
         params["blocks"] = [init_attention_block(rng, width, spec.num_heads, width, **attention_block)
                             for _ in range(spec.num_layers)]
@@ -46,13 +49,22 @@ def init_stage(rng, spec: StageSpec, config: GeneratorConfig, bias_std: float = 
 
 
 def init_generator_params(config: GeneratorConfig, rng, bias_std: float = 0.0, random_norm: bool = False):
-    "All of the generator's parameters (float32 NumPy arrays); `rng` a `np.random.Generator`."
-    c0, latent_tokens_count = config.widths[0], config.latent_grid ** 2
-    latent = init_latent_params(rng, config.latent_dim, c0, grid_size=config.latent_grid, bias_std=bias_std)
-    latent["norm"] = init_norm(rng, c0, config.norm, random=random_norm)
-    return {"initial": init_dense(rng, config.latent_dim, 8 * 8 * c0, bias_std=bias_std),
-            "latent": latent,
-            "stages": [init_stage(rng, spec, config, bias_std, random_norm) for spec in config.stages]}
+    """All of the generator's parameters (float32 NumPy arrays); `rng` a
+    `np.random.Generator`. Without cross-attention there is no latent embedding
+    (`"latent"`): only cross-attention reads Z."""
+    c0 = config.widths[0]
+    latent = None
+    if config.cross_attention:
+        latent = init_latent_params(rng, config.latent_dim, c0,
+                                    grid_size=config.latent_grid, bias_std=bias_std)
+        latent["norm"] = init_norm(rng, c0, config.norm, random=random_norm)
+    initial = init_dense(rng, config.latent_dim, 8 * 8 * c0, bias_std=bias_std)
+    params = {"initial": initial}
+    if latent is not None:
+        params["latent"] = latent
+    params["stages"] = [init_stage(rng, spec, config, bias_std, random_norm)
+                        for spec in config.stages]
+    return params
 
 
 def count_parameters(params) -> int:
@@ -113,11 +125,14 @@ def self_attention_block(x, params, norm: str, kind: str, block_size: int, layer
 # %% ../../notebooks/07a_generator_numpy.ipynb #f14e84dc
 def generator_stage(x, latent, image, params, spec: StageSpec, config: GeneratorConfig,
                     use_running_average: bool = False):
-    """One stage of Algorithm 1: x [B, H, W, C], latent Z [B, L, C0], image [B, H/2, W/2, 3] or None
-    -> (x for the next stage [B, 2H, 2W, C_next] (the last stage returns its own map), image [B, H, W, 3] or None)."""
+    """One stage of Algorithm 1: x [B, H, W, C], latent Z [B, L, C0] (None without
+    cross-attention), image [B, H/2, W/2, 3] or None -> (x for the next stage
+    [B, 2H, 2W, C_next] (the last stage returns its own map), image [B, H, W, 3] or
+    None)."""
     norm, running = config.norm, use_running_average
     x = x + params["pos"]  # X + P_l, [B, H, W, C]
-    x = cross_attention_block(x, latent, params["cross"], norm, running)
+    if config.cross_attention:
+        x = cross_attention_block(x, latent, params["cross"], norm, running)
     for layer, block_params in enumerate(params["blocks"]):
         if spec.is_low_resolution:
             x = self_attention_block(x, block_params, norm, spec.attention, spec.block_size, layer, running)
@@ -139,7 +154,10 @@ def generator(params, z, config: GeneratorConfig, use_running_average: bool = Fa
         raise ValueError(f"z must have shape [B, latent_dim={config.latent_dim}], got {z.shape}")
     batch = z.shape[0]
     x = dense(z, params["initial"]).reshape(batch, 8, 8, config.widths[0])  # [B, 8, 8, C0]
-    latent = latent_embedding(z, params["latent"], config, use_running_average)  # [B, L, C0]
+    latent = None  # without cross-attention z enters by the initial map alone (Table 5)
+    if config.cross_attention:
+        # [B, L, C0]
+        latent = latent_embedding(z, params["latent"], config, use_running_average)
     image = None
     for spec, stage_params in zip(config.stages, params["stages"]):
         x, image = generator_stage(x, latent, image, stage_params, spec, config, use_running_average)
