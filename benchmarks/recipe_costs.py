@@ -1,6 +1,6 @@
 """What each training recipe costs, computed on this CPU from shapes and XLA's compiled analyses; printed as JSON.
 
-For every recipe of `hitlib.train.RECIPES` (the `tiny` one too): the parameters of both networks, the FLOPs of one
+For every recipe of `hitlib.recipes.RECIPES` (the `tiny` one too): the parameters of both networks, the FLOPs of one
 training step (XLA's cost analysis of the compiled step: discriminator update with R1 and bCR where the recipe uses
 it, generator update, EMA) and the peak memory of one device (XLA's memory analysis of the same compiled step:
 arguments + temporaries + outputs - donated aliases) for the recipe's batch on 1 device and for its per-device batch
@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from hitlib import train
+from hitlib import recipes, train
 
 V5E_PEAK_BF16 = 197e12  # FLOP/s of one v5e chip in bfloat16 (Google Cloud's published peak)
 V5E_HBM_BYTES = 16e9  # high-bandwidth memory of one v5e chip (16 GB, Google Cloud's published figure)
@@ -64,7 +64,7 @@ def step_cost(config) -> dict:
 
 
 def recipe_cost(name: str, utilisation: float, cache: dict) -> dict:
-    config = train.train_config(name)
+    config = recipes.train_config(name)
     networks, state = train.create_train_state(config)
     result = {"recipe": name, "generator": config.generator, "resolution": config.generator_config.resolution,
               "batch_size": config.batch_size, "steps": config.steps,
@@ -92,7 +92,7 @@ def recipe_cost(name: str, utilisation: float, cache: dict) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipes", nargs="*", default=list(train.RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(recipes.RECIPES))
     parser.add_argument("--utilisation", type=float, default=0.35,
                         help="assumed share of the v5e's bfloat16 peak that the step reaches (default 0.35)")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/recipe_costs.json")

@@ -82,16 +82,16 @@ def command_prepare(args) -> int:
 
 
 def command_train(args) -> int:
-    from hitlib import train
+    from hitlib import recipes, scaling, train
 
     fields = {}
     if args.data is not None:
         fields["data"] = args.data
     if args.steps is not None:
         fields["steps"] = args.steps
-    config = train.train_config(args.recipe, args.overrides, **fields)
+    config = recipes.train_config(args.recipe, args.overrides, **fields)
     if not args.dry_run:  # before anything touches a device: several processes become one JAX program
-        train.initialize_processes(args.coordinator, args.num_processes, args.process_id)
+        scaling.initialize_processes(args.coordinator, args.num_processes, args.process_id)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -108,13 +108,13 @@ def command_train(args) -> int:
 def command_sample(args) -> int:
     import numpy as np
 
-    from hitlib import data, train
+    from hitlib import data, sampling, train
 
     run = train.load_run(args.workdir)
-    z = train.sample_latents(run.config, args.num, seed=args.seed)
-    images = train.generate(run.generator, z)
+    z = sampling.sample_latents(args.seed, np.arange(args.num), run.config.generator_config.latent_dim)
+    images = sampling.generate(run.generator, z)
     stem = Path(args.output) if args.output else Path(args.workdir) / "samples" / f"sample_step{run.step:07d}_seed{args.seed}"
-    png = train.save_image_grid(images, stem.with_suffix(".png"), columns=args.columns)
+    png = sampling.save_image_grid(images, stem.with_suffix(".png"), columns=args.columns)
     npz = stem.with_suffix(".npz")
     data.save_npz_reproducibly(npz, {"images": data.to_uint8(images), "z": np.asarray(z)})
     print(f"{args.num} samples of step {run.step}: {png} (grid), {npz} (uint8 images [N, R, R, 3] and z)")
@@ -139,17 +139,18 @@ def interpolate_latents(z_start, z_end, num: int):
 def command_interpolate(args) -> int:
     import numpy as np
 
-    from hitlib import data, train
+    from hitlib import data, sampling, train
 
     if args.num < 2:
         raise ValueError(f"--num must be at least 2 (the two ends of each morph), got {args.num}")
     run = train.load_run(args.workdir)
-    ends = np.asarray(train.sample_latents(run.config, 2 * args.pairs, seed=args.seed))  # [2P, D]
+    latent_dim = run.config.generator_config.latent_dim
+    ends = np.asarray(sampling.sample_latents(args.seed, np.arange(2 * args.pairs), latent_dim))  # [2P, D]
     z, t = interpolate_latents(ends[:args.pairs], ends[args.pairs:], args.num)  # [P, num, D]
-    images = train.generate(run.generator, z.reshape(-1, z.shape[-1]))  # [P·num, R, R, 3], row-major
+    images = sampling.generate(run.generator, z.reshape(-1, z.shape[-1]))  # [P·num, R, R, 3], row-major
     stem = (Path(args.output) if args.output else
             Path(args.workdir) / "samples" / f"interpolate_step{run.step:07d}_seed{args.seed}")
-    png = train.save_image_grid(images, stem.with_suffix(".png"), columns=args.num)
+    png = sampling.save_image_grid(images, stem.with_suffix(".png"), columns=args.num)
     npz = stem.with_suffix(".npz")
     data.save_npz_reproducibly(npz, {"images": data.to_uint8(images).reshape(z.shape[:2] + images.shape[1:]),
                                      "z": z, "t": t})
@@ -206,11 +207,11 @@ def real_images_uint8(data_folder, resolution: int, batch: int = 256):
 
 def command_stats(args) -> int:
     "`hitlib eval --stats OUT.npz`: the real data's reference statistics for FID (and KID with --features)."
-    from hitlib import evaluate, inception, train
+    from hitlib import checkpoints, evaluate, inception
 
     data_folder, resolution = args.data, args.resolution
     if args.workdir is not None:  # the run's data and resolution, unless given
-        config = train.load_config(args.workdir)
+        config = checkpoints.load_config(args.workdir)
         data_folder = config.data if data_folder is None else data_folder
         resolution = config.generator_config.resolution if resolution is None else resolution
     if resolution is None:
@@ -230,19 +231,22 @@ def command_stats(args) -> int:
 
 def evaluate_fdd(run, args) -> dict:
     "Fréchet Digit Distance of the samples to the embedded digits (chapter 11b; mirrored digits too if trained on)."
-    from hitlib import digit_features, train
+    import numpy as np
+
+    from hitlib import digit_features, sampling
 
     if run.config.generator_config.resolution != 32:
         size = run.config.generator_config.resolution
         raise ValueError(f"fdd compares 32×32 digits; this run makes {size}×{size} images")
-    images = train.generate(run.generator, train.sample_latents(run.config, args.num_samples, seed=args.seed))
+    z = sampling.sample_latents(args.seed, np.arange(args.num_samples), run.config.generator_config.latent_dim)
+    images = sampling.generate(run.generator, z)
     return {"num_samples": args.num_samples, "seed": args.seed,
             "fdd": digit_features.fdd_to_reference(images, include_mirrors=run.config.flip)}
 
 
 def evaluate_inception(run, args) -> dict:
     "FID, IS or KID (chapter 12c) of the EMA generator: batched, split over the devices, against --stats."
-    from hitlib import evaluate, inception, train
+    from hitlib import evaluate, inception, sampling, scaling
 
     resolution = run.config.generator_config.resolution
     dataset = args.dataset or dataset_name(run.config.data)
@@ -257,7 +261,7 @@ def evaluate_inception(run, args) -> dict:
             raise ValueError(f"{args.stats} holds no features, which KID needs: recompute it with "
                              f"`hitlib eval --stats {args.stats} --features ...`")
     model = inception.load_inception_weights(args.weights)
-    result = evaluate.evaluate_generator(train.generator_fn(run.generator, train.data_mesh()),
+    result = evaluate.evaluate_generator(sampling.generator_fn(run.generator, scaling.data_mesh()),
                                          run.config.generator_config.latent_dim, args.num_samples, args.metric,
                                          model, stats, args.batch_size, args.seed, progress=not args.quiet)
     if args.stats is not None and stats is not None:
@@ -270,7 +274,7 @@ EVALUATORS = {"fdd": evaluate_fdd, "fid": evaluate_inception, "is": evaluate_inc
 
 
 def command_eval(args) -> int:
-    from hitlib import train
+    from hitlib import checkpoints, train
 
     if args.metric is None and args.stats is not None:
         return command_stats(args)
@@ -281,7 +285,7 @@ def command_eval(args) -> int:
     run = train.load_run(args.workdir, args.step)
     if args.num_samples is None:
         args.num_samples = default_num_samples(args.metric, run.config)
-    result = {"metric": args.metric, "step": run.step, "checkpoint": f"{train.CHECKPOINT_DIR}/{run.step}",
+    result = {"metric": args.metric, "step": run.step, "checkpoint": f"{checkpoints.CHECKPOINT_DIR}/{run.step}",
               **EVALUATORS[args.metric](run, args)}
     path = Path(args.workdir) / "eval" / f"{args.metric}_step{run.step:07d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(handler=command_prepare)
 
     train = commands.add_parser("train", help="train a run, or resume the one in --workdir")
-    train.add_argument("--recipe", default="tiny", help="a recipe of hitlib.train.RECIPES (default tiny: MNIST on a "
+    train.add_argument("--recipe", default="tiny", help="a recipe of hitlib.recipes.RECIPES (default tiny: MNIST on a "
                        "CPU in minutes; ffhq-256, celebahq-256, ffhq-1024, celebahq-1024, imagenet-128: the paper's)")
     train.add_argument("--workdir", default=None, help="where checkpoints, samples and logs go (default runs/RECIPE)")
     train.add_argument("--data", default=None, help="prepared shards (`hitlib prepare`; default: the embedded "

@@ -14,7 +14,8 @@ from PIL import Image
 
 import jax
 
-from hitlib import cli, config, data, evaluate, generator, inception, train
+from hitlib import (checkpoints, cli, config, data, evaluate, generator, inception, recipes,
+                    sampling, train)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["batch_size=4", "d_max_channels=8", "widths=32,16,8", "latent_dim=16", "checkpoint_every=2", "log_every=2",
@@ -46,7 +47,7 @@ def test_train_resume_sample_eval(capsys, tmp_path):
     workdir = tmp_path / "run"
     assert cli.main(["train", "--workdir", str(workdir), "--steps", "2", "--quiet", *SMALL]) == 0
     assert "to step 2" in capsys.readouterr().out
-    saved = train.load_config(workdir)
+    saved = checkpoints.load_config(workdir)
     assert (saved.steps, saved.batch_size, saved.generator_overrides) == (2, 4, ("widths=32,16,8", "latent_dim=16"))
     assert cli.main(["train", "--workdir", str(workdir), "--steps", "4", "--quiet", *SMALL]) == 0  # resumes
     assert "to step 4" in capsys.readouterr().out
@@ -113,12 +114,12 @@ def test_interpolate_writes_a_strip_and_the_latents(capsys, run_dir, tmp_path):
         images, z, t = archive["images"], archive["z"], archive["t"]
     assert images.shape == (3, 5, 32, 32, 3) and images.dtype == np.uint8 and z.shape == (3, 5, 16)
     np.testing.assert_array_equal(t, [0, 0.25, 0.5, 0.75, 1])
-    ends = np.asarray(train.sample_latents(train.load_config(run_dir), 6, seed=2))
+    ends = np.asarray(sampling.sample_latents(2, np.arange(6), 16))  # --seed 2, latent_dim 16
     np.testing.assert_array_equal(z[:, 0], ends[:3])  # exact: t = 0 and t = 1 are the latents themselves
     np.testing.assert_array_equal(z[:, -1], ends[3:])
     np.testing.assert_allclose(z[:, 2], (ends[:3] + ends[3:]) / 2, rtol=1e-6, atol=1e-7)  # atol: values near 0
     run = train.load_run(run_dir)
-    expected = data.to_uint8(train.generate(run.generator, z.reshape(15, 16))).reshape(images.shape)
+    expected = data.to_uint8(sampling.generate(run.generator, z.reshape(15, 16))).reshape(images.shape)
     np.testing.assert_array_equal(images, expected)
     assert cli.main(["interpolate", "--workdir", str(run_dir), "--num", "1"]) == 2
     assert "--num must be at least 2" in capsys.readouterr().err
@@ -184,11 +185,11 @@ def test_eval_refusals(capsys, run_dir, tmp_path, monkeypatch):
 
 
 def test_default_sample_counts_and_dataset_names():
-    assert cli.default_num_samples("fid", train.train_config("ffhq-256")) == 50_000
-    assert cli.default_num_samples("kid", train.train_config("imagenet-128")) == 50_000
-    assert cli.default_num_samples("is", train.train_config("celebahq-256")) == 30_000
-    assert cli.default_num_samples("fid", train.train_config("celebahq-1024")) == 30_000
-    assert cli.default_num_samples("fdd", train.train_config("tiny")) == 5000
+    assert cli.default_num_samples("fid", recipes.train_config("ffhq-256")) == 50_000
+    assert cli.default_num_samples("kid", recipes.train_config("imagenet-128")) == 50_000
+    assert cli.default_num_samples("is", recipes.train_config("celebahq-256")) == 30_000
+    assert cli.default_num_samples("fid", recipes.train_config("celebahq-1024")) == 30_000
+    assert cli.default_num_samples("fdd", recipes.train_config("tiny")) == 5000
     assert cli.dataset_name(None) == "mnist5k" and cli.dataset_name("/data/celeba_hq/") == "celeba_hq"
 
 
@@ -215,7 +216,7 @@ def test_prepare_then_train_on_the_shards(capsys, tmp_path):
     workdir = tmp_path / "run"
     assert cli.main(["train", "--workdir", str(workdir), "--data", str(shards), "--steps", "2", "--quiet",
                      *SMALL]) == 0
-    assert train.load_config(workdir).data == str(shards) and train.CheckpointStore(workdir, 2).steps() == [2]
+    assert checkpoints.load_config(workdir).data == str(shards) and checkpoints.CheckpointStore(workdir, read_only=True).steps() == [2]
     images = data.to_uint8(data.make_dataset(data.ShardedArraySource(shards), 4, flip=False)[0])
     assert images.shape == (4, 32, 32, 3)
     assert cli.main(["train", "--workdir", str(tmp_path / "raw"), "--data", str(tmp_path / "photos"), "--quiet"]) == 2
@@ -277,7 +278,7 @@ def test_dry_run_prints_the_recipe_and_builds_nothing(capsys, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train", "--recipe", "ffhq-256", "--dry-run", "g_lr=2e-5", "latent_dim=256"]) == 0
     resolved = json.loads(capsys.readouterr().out)
-    assert resolved == train.train_config("ffhq-256", ["g_lr=2e-5", "latent_dim=256"]).to_dict()
+    assert resolved == recipes.train_config("ffhq-256", ["g_lr=2e-5", "latent_dim=256"]).to_dict()
     assert (resolved["recipe"], resolved["generator"], resolved["batch_size"], resolved["bcr_weight"]) == (
         "ffhq-256", "hit-b-256", 256, 10.0)
     assert list(tmp_path.iterdir()) == []  # no workdir, no file

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from hitlib import evaluate, inception
 from hitlib.reference import metrics as ref
+from hitlib.sampling import sample_latents
 
 LATENT_DIM, RESOLUTION, BATCH = 4, 8, 4
 _PROJECTION = np.random.default_rng(5).standard_normal((LATENT_DIM, RESOLUTION * RESOLUTION * 3)).astype(np.float32)
@@ -76,14 +77,6 @@ def test_low_rank_frechet_distance_equals_the_two_eigh_route(num_samples, dim, s
     # √ε·scale (seen: 1.2e-7·scale for 33 samples of dimension 1)
     assert abs(ours - expected) <= 1e-6 * scale
     # of a singular covariance costs it about 1e-8 of the traces (chapter 12a)
-
-
-def test_latents_do_not_depend_on_the_batching():
-    whole = np.asarray(evaluate.sample_latents(3, np.arange(11), 5))
-    parts = np.concatenate([evaluate.sample_latents(3, np.arange(0, 4), 5), evaluate.sample_latents(3, np.arange(4, 11), 5)])
-    np.testing.assert_array_equal(whole, parts)
-    assert abs(whole.mean()) < 1 and 0.5 < whole.std() < 1.5
-    assert not np.array_equal(whole, evaluate.sample_latents(4, np.arange(11), 5))
 
 
 def test_quantize_generated_is_the_protocol():
@@ -207,7 +200,7 @@ def test_reference_stats_refuse_bad_batches(model, images, message):
 
 def _direct_features(model, num_samples, seed):
     "The same samples, generated in one go, quantised by the NumPy oracle, through chapter 12b's features."
-    images = np.asarray(generate(evaluate.sample_latents(seed, np.arange(num_samples), LATENT_DIM)))
+    images = np.asarray(generate(sample_latents(seed, np.arange(num_samples), LATENT_DIM)))
     return inception.inception_features(model, ref.quantize_images(images), batch_size=BATCH, output_bias=False)
 
 

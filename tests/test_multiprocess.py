@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from hitlib import train
+from hitlib import checkpoints, train
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_S = 1800
@@ -102,7 +102,7 @@ def test_killing_one_process_stops_both_and_both_resume(two_process_run, tmp_pat
     processes[1].send_signal(signal.SIGKILL)
     (code0, err0), (code1, _) = finish(processes)  # process 0 must end by itself
     assert code1 == -signal.SIGKILL and code0 != 0, err0[-2000:]
-    stopped_at = train.CheckpointStore(workdir, 2, read_only=True).last_confirmed()
+    stopped_at = checkpoints.CheckpointStore(workdir, read_only=True).last_confirmed()
     assert 12 <= stopped_at < 400
     results = finish(start_pair(workdir, stopped_at + 8))  # both again: they resume from the last good checkpoint
     assert all(code == 0 for code, _ in results), "\n".join(err[-2000:] for _, err in results)

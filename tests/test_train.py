@@ -1,4 +1,4 @@
-"""Chapter 11c: the training loop — config validation and recipes, resume after SIGKILL bit for bit, damaged
+"""Chapter 11c: the training step and loop — resume after SIGKILL bit for bit, damaged
 checkpoints, readers that move nothing, divergence, checks before anything is written, data-parallel training on four
 forced CPU devices.
 
@@ -18,13 +18,13 @@ import jax
 import numpy as np
 import pytest
 
-from hitlib import train
+from hitlib import checkpoints, recipes, sampling, scaling, train
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_S = 1800  # only a hung subprocess takes this long, even on a loaded 2-core machine
 
 # A very small run: the tiny preset narrowed, batch 4, an 8-channel discriminator; checkpoints every 4 steps.
-SMALL = train.TrainConfig(generator="tiny", generator_overrides=("widths=32,16,8", "latent_dim=16"), batch_size=4,
+SMALL = recipes.TrainConfig(generator="tiny", generator_overrides=("widths=32,16,8", "latent_dim=16"), batch_size=4,
                           steps=12, d_max_channels=8, checkpoint_every=4, keep_checkpoints=2, sample_every=1000,
                           log_every=4, num_samples=4)
 
@@ -35,10 +35,10 @@ def leaves(state):
 
 def problem_of(workdir, step):
     "None if checkpoint `step` of the run in `workdir` restores to its recorded digest, else what is wrong."
-    _, state = train.create_train_state(train.load_config(workdir))
-    store = train.CheckpointStore(workdir, 2, read_only=True)
+    _, state = train.create_train_state(checkpoints.load_config(workdir))
+    store = checkpoints.CheckpointStore(workdir, read_only=True)
     try:
-        return store.verify(step, train.abstract_state(state, train.data_mesh()))[1]
+        return store.verify(step, checkpoints.abstract_state(state, scaling.data_mesh()))[1]
     finally:
         store.close()
 
@@ -55,51 +55,6 @@ def reference_run(tmp_path_factory):
     return workdir, train.train(SMALL, workdir, progress=False)
 
 
-# ---------------------------------------------------------------------------------------------------- configuration
-@pytest.mark.parametrize("field, value", [
-    ("batch_size", 0), ("steps", -1), ("steps", 2.5), ("g_lr", 0.0), ("d_lr", float("nan")), ("adam_b1", 1.0),
-    ("adam_b2", -0.1), ("loss", "wasserstein"), ("r1_gamma", -1.0), ("bcr_weight", True), ("ema_decay", 1.5),
-    ("ema_start", -1), ("d_max_channels", 0), ("flip", "yes"), ("seed", -3), ("checkpoint_every", 0),
-    ("bcr_policy", "color,rotate"), ("generator", "tiny-ish"), ("generator_overrides", ("widths=30,16,8",)),
-    ("generator_overrides", "latent_dim=8"), ("data", ""),
-])
-def test_config_validation_names_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        train.TrainConfig(**{field: value})
-
-
-def test_config_round_trips_through_json():
-    config = train.train_config("tiny", ["steps=7", "g_lr=3e-4", "flip=true", "latent_dim=32", "data=none"])
-    assert (config.steps, config.g_lr, config.flip, config.data) == (7, 3e-4, True, None)
-    assert config.generator_overrides == ("latent_dim=32",) and config.generator_config.latent_dim == 32
-    assert train.TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
-        train.TrainConfig.from_dict({"learning_rate": 1e-3})
-    with pytest.raises(ValueError, match="unknown key 'widht'; did you mean 'widths'"):
-        train.train_config("tiny", ["widht=3"])
-    with pytest.raises(ValueError, match="unknown key 'bach_size'; did you mean 'batch_size'"):
-        train.train_config("tiny", ["bach_size=4"])  # a training key's hint, not a generator key's
-    with pytest.raises(ValueError, match="unknown recipe 'ffhq256'; did you mean 'ffhq-256'"):
-        train.train_config("ffhq256")
-    with pytest.raises(ValueError, match="steps"):
-        train.train_config("tiny", ["steps=many"])
-
-
-def test_changed_config_is_refused(tmp_path):
-    train.prepare_workdir(SMALL, tmp_path)
-    train.prepare_workdir(dataclasses.replace(SMALL, steps=100, log_every=7), tmp_path)  # may change on resume
-    changed = dataclasses.replace(SMALL, batch_size=8, d_lr=1e-3)
-    with pytest.raises(ValueError, match=r"batch_size: saved 4, requested 8.*d_lr: saved 0.0001, requested 0.001.*"
-                                         r"add --reconfigure"):
-        train.prepare_workdir(changed, tmp_path)
-    train.prepare_workdir(changed, tmp_path, reconfigure=True)  # an explicit choice: the state still fits
-    assert train.load_config(tmp_path) == changed
-    history = [json.loads(line) for line in (tmp_path / "reconfigured.jsonl").read_text().splitlines()]
-    assert history == [{"batch_size": {"saved": 4, "now": 8}, "d_lr": {"saved": 1e-4, "now": 1e-3}}]
-    with pytest.raises(ValueError, match=r"d_max_channels: saved 8, requested 16. Use another workdir"):
-        train.prepare_workdir(dataclasses.replace(changed, d_max_channels=16), tmp_path, reconfigure=True)
-
-
 def test_ema_is_a_copy_until_the_start_step_then_an_average():
     ema, params = {"w": np.float32(0.0)}, {"w": np.float32(1.0)}
     assert float(train.ema_update(ema, params, 10, 0.9, 10)["w"]) == 1.0
@@ -107,8 +62,8 @@ def test_ema_is_a_copy_until_the_start_step_then_an_average():
 
 
 # ----------------------------------------------------------------------------------------------------------- resume
-RUN_SCRIPT = ("import sys, json; from hitlib import train; "
-              "train.train(train.TrainConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False)")
+RUN_SCRIPT = ("import sys, json; from hitlib import recipes, train; "
+              "train.train(recipes.TrainConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], progress=False)")
 
 
 def second_checkpoint_confirmed(workdir: Path) -> bool:
@@ -158,7 +113,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, reference_run, moment):
 def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, reference_run):
     config = dataclasses.replace(SMALL, steps=8)
     train.train(config, tmp_path, progress=False)  # checkpoints 4 and 8
-    store = train.CheckpointStore(tmp_path, 2)
+    store = checkpoints.CheckpointStore(tmp_path, keep=2)
     assert store.steps() == [4, 8] and problem_of(tmp_path, 8) is None
     data_file = max((p for p in (tmp_path / "checkpoints" / "8").rglob("*") if p.is_file()),
                     key=lambda p: p.stat().st_size)
@@ -185,7 +140,7 @@ def test_readers_skip_a_checkpoint_without_digest_and_move_nothing(tmp_path):
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing moved or written
     with pytest.warns(RuntimeWarning, match="checkpoint 8 .* is damaged .*no digest"):  # training sets it aside
         train.train(dataclasses.replace(config, steps=9), tmp_path, progress=False)
-    assert train.CheckpointStore(tmp_path, 2).steps() == [8, 9] and (tmp_path / "set_aside").is_dir()  # from 4
+    assert checkpoints.CheckpointStore(tmp_path, read_only=True).steps() == [8, 9] and (tmp_path / "set_aside").is_dir()  # from 4
 
 
 def test_every_checkpoint_damaged_stops_and_keeps_everything(tmp_path):
@@ -196,11 +151,11 @@ def test_every_checkpoint_damaged_stops_and_keeps_everything(tmp_path):
     metrics = (tmp_path / "metrics.jsonl").read_text()
     for attempt in (lambda: train.train(dataclasses.replace(config, steps=12), tmp_path, progress=False),
                     lambda: train.load_state(tmp_path)):
-        with pytest.raises(train.DamagedCheckpointsError, match=r"step 4: its values hash to .*not the recorded .*"
+        with pytest.raises(checkpoints.DamagedCheckpointsError, match=r"step 4: its values hash to .*not the recorded .*"
                                                                  r"step 8: .*Nothing was moved and nothing was "
                                                                  r"started over"):
             attempt()
-    assert train.CheckpointStore(tmp_path, 2).steps() == [4, 8] and not (tmp_path / "set_aside").exists()
+    assert checkpoints.CheckpointStore(tmp_path, read_only=True).steps() == [4, 8] and not (tmp_path / "set_aside").exists()
     assert (tmp_path / "metrics.jsonl").read_text() == metrics  # not cut back to step 0
 
 
@@ -221,7 +176,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(train.NonFiniteLossError, match=r"non-finite losses at step 6 .*d_loss=nan.*last good "
                                                        r"checkpoint is step 4"):
         train.train(SMALL, tmp_path, progress=False, data_threads=0)
-    store = train.CheckpointStore(tmp_path, 2)
+    store = checkpoints.CheckpointStore(tmp_path, read_only=True)
     assert store.steps() == [4] and problem_of(tmp_path, 4) is None
     _, _, state = train.load_state(tmp_path)
     assert int(state.step) == 4 and all(np.isfinite(leaf).all() for leaf in leaves(state))
@@ -236,7 +191,7 @@ def test_a_diverged_state_is_never_called_good_and_the_advice_works(tmp_path):
         with pytest.raises(train.NonFiniteLossError, match=r"non-finite losses at step 2 .*No checkpoint was good "
                                                            r"yet.*--reconfigure g_lr=5e\+29"):
             train.train(diverging, tmp_path, progress=False)
-    store = train.CheckpointStore(tmp_path, 2)
+    store = checkpoints.CheckpointStore(tmp_path, read_only=True)
     assert store.last_confirmed() is None and store.steps() == []  # checkpoint 1 was set aside, not trusted
     with pytest.raises(ValueError, match="add --reconfigure"):
         train.train(dataclasses.replace(diverging, g_lr=1e-4), tmp_path, progress=False)
@@ -279,10 +234,10 @@ def test_run_outputs_and_load_run(reference_run):
     assert {"d_loss", "g_loss", "r1", "bcr", "g_lr", "d_lr", "steps_per_second"} <= set(records[0])
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     run = train.load_run(workdir)
-    assert run.config == train.load_config(workdir) and run.step >= 12
-    images = train.generate(run.generator, train.sample_latents(run.config, 3))
+    assert run.config == checkpoints.load_config(workdir) and run.step >= 12
+    images = sampling.generate(run.generator, train.fixed_latents(run.config)[:3])
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.float32 and np.abs(images).max() <= 1.0
-    np.testing.assert_array_equal(images, train.generate(run.generator, train.sample_latents(run.config, 3)))
+    np.testing.assert_array_equal(images, sampling.generate(run.generator, train.fixed_latents(run.config)[:3]))
 
 
 # ------------------------------------------------------------------------------------------------- many devices
@@ -290,9 +245,9 @@ SHARDED_SCRIPT = """
 import dataclasses, json, sys
 from pathlib import Path
 import jax, numpy as np
-from hitlib import train
+from hitlib import recipes, train
 assert jax.device_count() == 4, jax.devices()
-config = train.TrainConfig.from_dict(json.loads(sys.argv[1]))
+config = recipes.TrainConfig.from_dict(json.loads(sys.argv[1]))
 odd = Path(sys.argv[2] + "-odd")
 try:
     train.train(dataclasses.replace(config, batch_size=6), odd, progress=False)
@@ -341,49 +296,3 @@ def test_data_parallel_on_four_devices_matches_one_device(tmp_path, reference_ru
               for state in (single_state, restored)]
     np.testing.assert_allclose(images[0], images[1], rtol=0, atol=1e-6)  # values up to ~0.1
     assert [record["step"] for record in train.read_metrics(tmp_path / "run")] == [4, 8, 12]
-
-
-# ------------------------------------------------------------------------------------------------------- recipes
-# Each recipe value against its source. "§4.2" is the paper's "Training details" (section 4.2), "§4.1" its "Datasets"
-# and "Evaluation metrics", "facts" the release's behaviour recorded in ../shared/design/hit-facts.md.
-PAPER_VALUES = {
-    "adam_b1": 0.0, "adam_b2": 0.99,  # §4.2: "Adam ... with β1 = 0 and β2 = 0.99"
-    "loss": "logistic",  # §4.2: "a standard non-saturating logistic GAN loss"
-    "r1_gamma": 10.0,  # §4.2: "The gradient penalty weight is set to 10"
-    "ema_decay": 0.999, "ema_start": 10,  # facts, Training: "EMA ... decay 0.999, starting at step 10"
-    "flip": True,  # facts, Training: "random horizontal flips of real images"
-    "d_max_channels": 512, "d_minibatch_std": False,  # facts, Discriminator: widths up to 512; minibatch std off
-}
-RECIPE_VALUES = {
-    # generator, batch (§4.2: 256 at 128/256, 32 at 1024), steps (§4.2: 1M ImageNet, 500k FFHQ / CelebA-HQ),
-    # learning rate (§4.2: 1e-4, halved with bCR), bCR weight (§4.2: 10 on FFHQ / CelebA-HQ; not at 1024, Table 3),
-    # discriminator multiplier (facts: 2 for faces, 1 for ImageNet), crop (§4.1 / facts: 0.875 random crops on
-    # ImageNet), evaluation samples (§4.1: 50,000; 30,000 on CelebA-HQ) and split (§4.1).
-    "ffhq-256": ("hit-b-256", 256, 500_000, 5e-5, 10.0, 2, 1.0, 50_000, "train"),
-    "ffhq-256-s": ("hit-s-256", 256, 500_000, 5e-5, 10.0, 2, 1.0, 50_000, "train"),
-    "ffhq-256-l": ("hit-l-256", 256, 500_000, 5e-5, 10.0, 2, 1.0, 50_000, "train"),
-    "celebahq-256": ("hit-b-256", 256, 500_000, 5e-5, 10.0, 2, 1.0, 30_000, "train"),
-    "ffhq-1024": ("hit-b-1024", 32, 500_000, 1e-4, 0.0, 2, 1.0, 50_000, "train"),
-    "celebahq-1024": ("hit-b-1024", 32, 500_000, 1e-4, 0.0, 2, 1.0, 30_000, "train"),
-    "imagenet-128": ("hit-l-128", 256, 1_000_000, 1e-4, 0.0, 1, 0.875, 50_000, "validation"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(RECIPE_VALUES))
-def test_recipes_hold_the_papers_values(name):
-    recipe = train.train_config(name)
-    generator, batch, steps, lr, bcr, multiplier, crop, samples, split = RECIPE_VALUES[name]
-    assert (recipe.recipe, recipe.generator, recipe.batch_size, recipe.steps) == (name, generator, batch, steps)
-    assert (recipe.g_lr, recipe.d_lr, recipe.bcr_weight, recipe.d_channel_multiplier) == (lr, lr, bcr, multiplier)
-    assert (recipe.crop_fraction, recipe.eval_samples, recipe.eval_split) == (crop, samples, split)
-    assert recipe.bcr_policy == "color,translation,cutout"  # facts, Training: DiffAugment's policy for bCR
-    assert {field: getattr(recipe, field) for field in PAPER_VALUES} == PAPER_VALUES
-    assert recipe.generator_config.latent_dim == (256 if name == "imagenet-128" else 512)  # facts, Generator: input
-    overridden = train.train_config(name, ["g_lr=3e-5", "latent_dim=128"])  # any field is still overridable
-    assert overridden.g_lr == 3e-5 and overridden.generator_config.latent_dim == 128
-
-
-def test_every_recipe_is_tested_and_tiny_stays_the_cpu_recipe():
-    assert set(train.RECIPES) == set(RECIPE_VALUES) | {"tiny"}
-    tiny = train.train_config()
-    assert (tiny.recipe, tiny.generator, tiny.steps, tiny.batch_size, tiny.data) == ("tiny", "tiny", 2000, 16, None)
