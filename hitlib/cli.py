@@ -15,22 +15,34 @@ from pathlib import Path
 
 # %% ../notebooks/13_command_line.ipynb #c004
 def format_summary(result: dict) -> str:
-    "The dict of `hitlib.generator.summary` as a text table: totals, then one row per stage."
-    lines = [f"{result['name']}: {result['resolution']}×{result['resolution']} images",
-             f"parameters {result['params']:,} (latent input layers {result['params_input']:,}), "
-             f"batch-norm statistics {result['batch_stats']:,}"]
+    """The dict of `hitlib.generator.summary` as a text table: totals, then one row per
+    stage."""
+    lines = [
+        f"{result['name']}: {result['resolution']}×{result['resolution']} images",
+        f"parameters {result['params']:,} (latent input layers "
+        f"{result['params_input']:,}), batch-norm statistics {result['batch_stats']:,}",
+    ]
     if "flops" in result:
         lines.append(f"FLOPs per image {result['flops'] / 1e9:.3f} G (inference)")
     if "activation_mb" in result:
-        lines.append(f"training activations per image ≥ {result['activation_mb']:.1f} MB (float32)")
-    header = f"{'stage':>5} {'res':>5} {'width':>5} {'layers':>6} {'heads':>5} {'block':>5} {'kind':<13} {'params':>11}"
+        lines.append(
+            f"training activations per image ≥ {result['activation_mb']:.1f} MB "
+            "(float32)"
+        )
+    header = (
+        f"{'stage':>5} {'res':>5} {'width':>5} {'layers':>6} {'heads':>5} "
+        f"{'block':>5} {'kind':<13} {'params':>11}"
+    )
     if any("flops" in stage for stage in result["stages"]):
         header += f" {'GFLOPs':>8}"
     lines += ["", header]
     for stage in result["stages"]:
         block = "-" if stage["block_size"] is None else str(stage["block_size"])
-        row = (f"{stage['index']:>5} {stage['resolution']:>5} {stage['width']:>5} {stage['num_layers']:>6} "
-               f"{stage['num_heads']:>5} {block:>5} {stage['kind']:<13} {stage['params']:>11,}")
+        row = (
+            f"{stage['index']:>5} {stage['resolution']:>5} {stage['width']:>5} "
+            f"{stage['num_layers']:>6} {stage['num_heads']:>5} {block:>5} "
+            f"{stage['kind']:<13} {stage['params']:>11,}"
+        )
         if "flops" in stage:
             row += f" {stage['flops'] / 1e9:>8.4f}"
         lines.append(row)
@@ -41,7 +53,9 @@ def command_summary(args) -> int:
     from hitlib import config as generator_config
     from hitlib.generator import summary
 
-    result = summary(generator_config.get_config(args.config, args.overrides), flops=True)
+    result = summary(
+        generator_config.get_config(args.config, args.overrides), flops=True
+    )
     print(json.dumps(result, indent=2) if args.json else format_summary(result))
     return 0
 
@@ -50,15 +64,30 @@ def command_prepare(args) -> int:
     from hitlib import data
 
     imagenet = args.kind.startswith("imagenet")
-    if args.kind != "folder" and (args.crop_fraction is not None or args.labels is not None):
-        raise ValueError("--crop-fraction and --labels are fixed for the named datasets; use 'folder' to choose them")
+    if args.kind != "folder" and (
+        args.crop_fraction is not None or args.labels is not None
+    ):
+        raise ValueError(
+            "--crop-fraction and --labels are fixed for the named datasets; use "
+            "'folder' to choose them"
+        )
     if args.kind != "imagenet-val" and (args.classes_from or args.labels_csv):
         raise ValueError("--classes-from and --labels-csv are for imagenet-val")
     if args.workers < 0:
-        raise ValueError(f"--workers must be 0 (decode in this process) or more, got {args.workers}")
-    resolution = args.resolution if args.resolution is not None else (128 if imagenet else 256)
-    options = dict(resolution=resolution, shard_size=args.shard_size, workers=args.workers, skip_bad=args.skip_bad,
-                   allow_upscale=not args.no_upscale, progress=not args.quiet)
+        raise ValueError(
+            f"--workers must be 0 (decode in this process) or more, got {args.workers}"
+        )
+    resolution = (
+        args.resolution if args.resolution is not None else (128 if imagenet else 256)
+    )
+    options = dict(
+        resolution=resolution,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        allow_upscale=not args.no_upscale,
+        progress=not args.quiet,
+    )
     if args.kind == "folder":
         crop = 1.0 if args.crop_fraction is None else args.crop_fraction
         options.update(crop_fraction=crop, labels=args.labels)
@@ -66,17 +95,30 @@ def command_prepare(args) -> int:
         options.update(crop_fraction=data.IMAGENET_CROP_FRACTION, labels="subfolders")
     elif args.kind == "imagenet-val":
         if args.classes_from is None:
-            raise ValueError("imagenet-val needs --classes-from, the prepared training set (for its class order)")
+            raise ValueError(
+                "imagenet-val needs --classes-from, the prepared training set (for its "
+                "class order)"
+            )
         class_names = data.ShardedArraySource(args.classes_from).class_names
-        options.update(crop_fraction=data.IMAGENET_CROP_FRACTION, class_names=class_names)
+        options.update(
+            crop_fraction=data.IMAGENET_CROP_FRACTION, class_names=class_names
+        )
         if args.labels_csv:
-            options.update(labels="mapping", label_of=data.read_label_file(args.labels_csv))
+            options.update(
+                labels="mapping", label_of=data.read_label_file(args.labels_csv)
+            )
         else:
             options.update(labels="subfolders")
     manifest = data.prepare_image_folder(args.source, args.output, **options)
-    summary = {key: manifest[key] for key in ("count", "resolution", "size", "crop_fraction", "upscaled")}
-    summary.update(shards=len(manifest["shards"]), skipped=len(manifest["skipped"]),
-                   classes=len(manifest["class_names"]) if manifest["class_names"] else None)
+    summary = {
+        key: manifest[key]
+        for key in ("count", "resolution", "size", "crop_fraction", "upscaled")
+    }
+    summary.update(
+        shards=len(manifest["shards"]),
+        skipped=len(manifest["skipped"]),
+        classes=len(manifest["class_names"]) if manifest["class_names"] else None,
+    )
     print(f"{args.output}: {json.dumps(summary)}")
     return 0
 
@@ -90,18 +132,33 @@ def command_train(args) -> int:
     if args.steps is not None:
         fields["steps"] = args.steps
     config = recipes.train_config(args.recipe, args.overrides, **fields)
-    if not args.dry_run:  # before anything touches a device: several processes become one JAX program
-        scaling.initialize_processes(args.coordinator, args.num_processes, args.process_id)
+    # before anything touches a device: several processes become one JAX program
+    if not args.dry_run:
+        scaling.initialize_processes(
+            args.coordinator, args.num_processes, args.process_id
+        )
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     workdir = Path(args.workdir if args.workdir is not None else f"runs/{args.recipe}")
-    state = train.train(config, workdir, progress=not args.quiet, reconfigure=args.reconfigure,
-                        data_threads=args.data_threads)
+    state = train.train(
+        config,
+        workdir,
+        progress=not args.quiet,
+        reconfigure=args.reconfigure,
+        data_threads=args.data_threads,
+    )
     records = train.read_metrics(workdir)
     last = records[-1] if records else {}
-    print(f"trained {config.generator} to step {int(state.step)} in {workdir}"
-          + (f": d_loss {last['d_loss']:.3f}, g_loss {last['g_loss']:.3f}, r1 {last['r1']:.3f}" if last else ""))
+    print(
+        f"trained {config.generator} to step {int(state.step)} in {workdir}"
+        + (
+            f": d_loss {last['d_loss']:.3f}, g_loss {last['g_loss']:.3f}, r1 "
+            f"{last['r1']:.3f}"
+            if last
+            else ""
+        )
+    )
     return 0
 
 # %% ../notebooks/13_command_line.ipynb #c008
@@ -111,28 +168,52 @@ def command_sample(args) -> int:
     from hitlib import data, sampling, train
 
     run = train.load_run(args.workdir)
-    z = sampling.sample_latents(args.seed, np.arange(args.num), run.config.generator_config.latent_dim)
+    z = sampling.sample_latents(
+        args.seed, np.arange(args.num), run.config.generator_config.latent_dim
+    )
     images = sampling.generate(run.generator, z)
-    stem = Path(args.output) if args.output else Path(args.workdir) / "samples" / f"sample_step{run.step:07d}_seed{args.seed}"
-    png = sampling.save_image_grid(images, stem.with_suffix(".png"), columns=args.columns)
+    stem = (
+        Path(args.output)
+        if args.output
+        else Path(args.workdir)
+        / "samples"
+        / f"sample_step{run.step:07d}_seed{args.seed}"
+    )
+    png = sampling.save_image_grid(
+        images, stem.with_suffix(".png"), columns=args.columns
+    )
     npz = stem.with_suffix(".npz")
-    data.save_npz_reproducibly(npz, {"images": data.to_uint8(images), "z": np.asarray(z)})
-    print(f"{args.num} samples of step {run.step}: {png} (grid), {npz} (uint8 images [N, R, R, 3] and z)")
+    data.save_npz_reproducibly(
+        npz, {"images": data.to_uint8(images), "z": np.asarray(z)}
+    )
+    print(
+        f"{args.num} samples of step {run.step}: {png} (grid), {npz} (uint8 images [N, "
+        "R, R, 3] and z)"
+    )
     return 0
 
 # %% ../notebooks/13_command_line.ipynb #c008b
 def interpolate_latents(z_start, z_end, num: int):
-    """Linear morphs between latents: z_start, z_end [P, D] -> (z [P, num, D], t [num]) with
-    z[p, k] = (1 - t_k) · z_start[p] + t_k · z_end[p] and t_k = k / (num - 1), so both ends are included."""
+    """Linear morphs between latents: z_start, z_end [P, D] -> (z [P, num, D], t [num])
+    with z[p, k] = (1 - t_k) · z_start[p] + t_k · z_end[p] and t_k = k / (num - 1),
+    so both ends are included."""
     import numpy as np
 
     if num < 2:
-        raise ValueError(f"an interpolation needs num >= 2 images (its two ends), got num={num}")
+        raise ValueError(
+            f"an interpolation needs num >= 2 images (its two ends), got num={num}"
+        )
     z_start, z_end = np.asarray(z_start, np.float32), np.asarray(z_end, np.float32)
     if z_start.ndim != 2 or z_start.shape != z_end.shape:
-        raise ValueError(f"z_start and z_end must both be [P, D], got {z_start.shape} and {z_end.shape}")
+        raise ValueError(
+            f"z_start and z_end must both be [P, D], got {z_start.shape} and "
+            f"{z_end.shape}"
+        )
     t = np.linspace(0.0, 1.0, num, dtype=np.float32)  # [num]
-    z = (1.0 - t)[None, :, None] * z_start[:, None, :] + t[None, :, None] * z_end[:, None, :]  # [P, num, D]
+    # [P, num, D]
+    z = (1.0 - t)[None, :, None] * z_start[:, None, :] + t[None, :, None] * z_end[
+        :, None, :
+    ]
     return z.astype(np.float32), t
 
 
@@ -142,20 +223,40 @@ def command_interpolate(args) -> int:
     from hitlib import data, sampling, train
 
     if args.num < 2:
-        raise ValueError(f"--num must be at least 2 (the two ends of each morph), got {args.num}")
+        raise ValueError(
+            f"--num must be at least 2 (the two ends of each morph), got {args.num}"
+        )
     run = train.load_run(args.workdir)
     latent_dim = run.config.generator_config.latent_dim
-    ends = np.asarray(sampling.sample_latents(args.seed, np.arange(2 * args.pairs), latent_dim))  # [2P, D]
-    z, t = interpolate_latents(ends[:args.pairs], ends[args.pairs:], args.num)  # [P, num, D]
-    images = sampling.generate(run.generator, z.reshape(-1, z.shape[-1]))  # [P·num, R, R, 3], row-major
-    stem = (Path(args.output) if args.output else
-            Path(args.workdir) / "samples" / f"interpolate_step{run.step:07d}_seed{args.seed}")
+    # [2P, D]
+    ends = np.asarray(
+        sampling.sample_latents(args.seed, np.arange(2 * args.pairs), latent_dim)
+    )
+    # [P, num, D]
+    z, t = interpolate_latents(ends[: args.pairs], ends[args.pairs :], args.num)
+    # [P·num, R, R, 3], row-major
+    images = sampling.generate(run.generator, z.reshape(-1, z.shape[-1]))
+    stem = (
+        Path(args.output)
+        if args.output
+        else Path(args.workdir)
+        / "samples"
+        / f"interpolate_step{run.step:07d}_seed{args.seed}"
+    )
     png = sampling.save_image_grid(images, stem.with_suffix(".png"), columns=args.num)
     npz = stem.with_suffix(".npz")
-    data.save_npz_reproducibly(npz, {"images": data.to_uint8(images).reshape(z.shape[:2] + images.shape[1:]),
-                                     "z": z, "t": t})
-    print(f"{args.pairs} morphs of {args.num} steps of step {run.step}: {png} (one row per morph), {npz} (uint8 "
-          f"images [P, num, R, R, 3], z [P, num, D], t [num])")
+    data.save_npz_reproducibly(
+        npz,
+        {
+            "images": data.to_uint8(images).reshape(z.shape[:2] + images.shape[1:]),
+            "z": z,
+            "t": t,
+        },
+    )
+    print(
+        f"{args.pairs} morphs of {args.num} steps of step {run.step}: {png} (one row "
+        f"per morph), {npz} (uint8 images [P, num, R, R, 3], z [P, num, D], t [num])"
+    )
     return 0
 
 # %% ../notebooks/13_command_line.ipynb #c009
@@ -164,88 +265,124 @@ EMBEDDED_DATASET = "mnist5k"
 
 
 def dataset_name(data_folder) -> str:
-    "The name reference statistics are filed under: 'mnist5k' for the embedded digits, else the image folder's name."
+    """The name reference statistics are filed under: 'mnist5k' for the embedded digits,
+    else the image folder's name."""
     return EMBEDDED_DATASET if data_folder is None else Path(data_folder).resolve().name
 
 
 def default_num_samples(metric: str, config) -> int:
-    """Samples per evaluation: the run's `eval_samples` for FID, IS and KID (its recipe's: the paper's 50,000, or
-    30,000 for CelebA-HQ); 5,000 for FDD (the size of the embedded set)."""
+    """Samples per evaluation: the run's `eval_samples` for FID, IS and KID (its
+    recipe's: the paper's 50,000, or 30,000 for CelebA-HQ); 5,000 for FDD (the size
+    of the embedded set)."""
     return 5000 if metric == "fdd" else config.eval_samples
 
 
 def real_images_uint8(data_folder, resolution: int, batch: int = 256):
-    """The real images, every one, as uint8: [N, R, R, 3] for the embedded digits, else batches [b, R, R, 3] of
-    prepared shards (centre crops, as evaluation takes them; no flips) or of a raw image folder (centre squares)."""
+    """The real images, every one, as uint8: [N, R, R, 3] for the embedded digits, else
+    batches [b, R, R, 3] of prepared shards (centre crops, as evaluation takes them;
+    no flips) or of a raw image folder (centre squares)."""
     import numpy as np
 
     from hitlib import data
 
     if data_folder is None:
-        return data.to_uint8(data.load_embedded(resolution))  # the training images exactly (exact in uint8)
+        # the training images exactly (exact in uint8)
+        return data.to_uint8(data.load_embedded(resolution))
     if not Path(data_folder).is_dir():
         raise FileNotFoundError(f"--data {data_folder!r} is not a folder")
     if (Path(data_folder) / "manifest.json").exists():
         source = data.ShardedArraySource(data_folder)
         if source.resolution != resolution:
-            raise ValueError(f"{data_folder} was prepared for resolution {source.resolution}, not {resolution}")
+            raise ValueError(
+                f"{data_folder} was prepared for resolution {source.resolution}, not "
+                f"{resolution}"
+            )
         top = (source.size - resolution) // 2
 
         def image(i):
             element = source[i]
             element = element["image"] if isinstance(element, dict) else element
-            return element[top:top + resolution, top:top + resolution]  # the centre crop
+            # the centre crop
+            return element[top : top + resolution, top : top + resolution]
     else:
         folder = data.ImageFolder(data_folder, resolution)
         source, image = folder, folder.__getitem__
 
     def batches():
         for start in range(0, len(source), batch):
-            yield np.stack([image(i) for i in range(start, min(start + batch, len(source)))])
+            yield np.stack(
+                [image(i) for i in range(start, min(start + batch, len(source)))]
+            )
+
     return batches()
 
 
 def command_stats(args) -> int:
-    "`hitlib eval --stats OUT.npz`: the real data's reference statistics for FID (and KID with --features)."
+    """`hitlib eval --stats OUT.npz`: the real data's reference statistics for FID (and
+    KID with --features)."""
     from hitlib import checkpoints, evaluate, inception
 
     data_folder, resolution = args.data, args.resolution
     if args.workdir is not None:  # the run's data and resolution, unless given
         config = checkpoints.load_config(args.workdir)
         data_folder = config.data if data_folder is None else data_folder
-        resolution = config.generator_config.resolution if resolution is None else resolution
+        resolution = (
+            config.generator_config.resolution if resolution is None else resolution
+        )
     if resolution is None:
         if data_folder is not None:
-            raise ValueError("--resolution is needed with --data (the side of the generated images), or --workdir")
+            raise ValueError(
+                "--resolution is needed with --data (the side of the generated "
+                "images), or --workdir"
+            )
         resolution = 32
     dataset = args.dataset or dataset_name(data_folder)
-    model = inception.load_inception_weights(args.weights)  # before reading any image: fail fast
-    stats = evaluate.compute_reference_stats(real_images_uint8(data_folder, resolution), model, args.batch_size,
-                                             dataset=dataset, keep_features=args.features, progress=not args.quiet)
+    # before reading any image: fail fast
+    model = inception.load_inception_weights(args.weights)
+    stats = evaluate.compute_reference_stats(
+        real_images_uint8(data_folder, resolution),
+        model,
+        args.batch_size,
+        dataset=dataset,
+        keep_features=args.features,
+        progress=not args.quiet,
+    )
     path = evaluate.save_stats(args.stats, stats)
-    print(f"reference statistics of {stats['num_samples']} images of {dataset!r} at {stats['resolution']}×"
-          f"{stats['resolution']} (Inception weights {stats['weights']}"
-          f"{', features kept for KID' if args.features else ''}): {path}")
+    print(
+        f"reference statistics of {stats['num_samples']} images of {dataset!r} at "
+        f"{stats['resolution']}×"
+        f"{stats['resolution']} (Inception weights {stats['weights']}"
+        f"{', features kept for KID' if args.features else ''}): {path}"
+    )
     return 0
 
 
 def evaluate_fdd(run, args) -> dict:
-    "Fréchet Digit Distance of the samples to the embedded digits (chapter 11b; mirrored digits too if trained on)."
+    """Fréchet Digit Distance of the samples to the embedded digits (chapter 11b;
+    mirrored digits too if trained on)."""
     import numpy as np
 
     from hitlib import digit_features, sampling
 
     if run.config.generator_config.resolution != 32:
         size = run.config.generator_config.resolution
-        raise ValueError(f"fdd compares 32×32 digits; this run makes {size}×{size} images")
-    z = sampling.sample_latents(args.seed, np.arange(args.num_samples), run.config.generator_config.latent_dim)
+        raise ValueError(
+            f"fdd compares 32×32 digits; this run makes {size}×{size} images"
+        )
+    z = sampling.sample_latents(
+        args.seed, np.arange(args.num_samples), run.config.generator_config.latent_dim
+    )
     images = sampling.generate(run.generator, z)
-    return {"num_samples": args.num_samples, "seed": args.seed,
-            "fdd": digit_features.fdd_to_reference(images, include_mirrors=run.config.flip)}
+    return {
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "fdd": digit_features.fdd_to_reference(images, include_mirrors=run.config.flip),
+    }
 
 
 def evaluate_inception(run, args) -> dict:
-    "FID, IS or KID (chapter 12c) of the EMA generator: batched, split over the devices, against --stats."
+    """FID, IS or KID (chapter 12c) of the EMA generator: batched, split over the
+    devices, against --stats."""
     from hitlib import evaluate, inception, sampling, scaling
 
     resolution = run.config.generator_config.resolution
@@ -253,24 +390,44 @@ def evaluate_inception(run, args) -> dict:
     stats = None
     if args.metric in ("fid", "kid"):
         if args.stats is None:
-            raise ValueError(f"--metric {args.metric} needs the real data's reference statistics: compute them once "
-                             f"with `hitlib eval --stats OUT.npz --workdir {args.workdir}"
-                             f"{' --features' if args.metric == 'kid' else ''}`, then pass --stats OUT.npz")
-        stats = evaluate.load_stats(args.stats, expected_resolution=resolution, expected_dataset=dataset)
+            raise ValueError(
+                f"--metric {args.metric} needs the real data's reference statistics: "
+                "compute them once with `hitlib eval --stats OUT.npz --workdir "
+                f"{args.workdir}{' --features' if args.metric == 'kid' else ''}`, then "
+                "pass --stats OUT.npz"
+            )
+        stats = evaluate.load_stats(
+            args.stats, expected_resolution=resolution, expected_dataset=dataset
+        )
         if args.metric == "kid" and "features" not in stats:
-            raise ValueError(f"{args.stats} holds no features, which KID needs: recompute it with "
-                             f"`hitlib eval --stats {args.stats} --features ...`")
+            raise ValueError(
+                f"{args.stats} holds no features, which KID needs: recompute it with "
+                f"`hitlib eval --stats {args.stats} --features ...`"
+            )
     model = inception.load_inception_weights(args.weights)
-    result = evaluate.evaluate_generator(sampling.generator_fn(run.generator, scaling.data_mesh()),
-                                         run.config.generator_config.latent_dim, args.num_samples, args.metric,
-                                         model, stats, args.batch_size, args.seed, progress=not args.quiet)
+    result = evaluate.evaluate_generator(
+        sampling.generator_fn(run.generator, scaling.data_mesh()),
+        run.config.generator_config.latent_dim,
+        args.num_samples,
+        args.metric,
+        model,
+        stats,
+        args.batch_size,
+        args.seed,
+        progress=not args.quiet,
+    )
     if args.stats is not None and stats is not None:
         result["stats"] = str(args.stats)
     return result
 
 
 # metric name -> function(run, args) -> dict of figures and what they were computed from
-EVALUATORS = {"fdd": evaluate_fdd, "fid": evaluate_inception, "is": evaluate_inception, "kid": evaluate_inception}
+EVALUATORS = {
+    "fdd": evaluate_fdd,
+    "fid": evaluate_inception,
+    "is": evaluate_inception,
+    "kid": evaluate_inception,
+}
 
 
 def command_eval(args) -> int:
@@ -280,142 +437,356 @@ def command_eval(args) -> int:
         return command_stats(args)
     args.metric = args.metric or "fdd"
     if args.workdir is None:
-        raise ValueError("--workdir is needed to evaluate a run (or --stats OUT.npz without --metric to compute the "
-                         "real data's reference statistics)")
+        raise ValueError(
+            "--workdir is needed to evaluate a run (or --stats OUT.npz without "
+            "--metric to compute the real data's reference statistics)"
+        )
     run = train.load_run(args.workdir, args.step)
     if args.num_samples is None:
         args.num_samples = default_num_samples(args.metric, run.config)
-    result = {"metric": args.metric, "step": run.step, "checkpoint": f"{checkpoints.CHECKPOINT_DIR}/{run.step}",
-              **EVALUATORS[args.metric](run, args)}
+    result = {
+        "metric": args.metric,
+        "step": run.step,
+        "checkpoint": f"{checkpoints.CHECKPOINT_DIR}/{run.step}",
+        **EVALUATORS[args.metric](run, args),
+    }
     path = Path(args.workdir) / "eval" / f"{args.metric}_step{run.step:07d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-    figures = ", ".join(f"{key} {value:.4g}" for key, value in result.items() if isinstance(value, float))
-    print(f"step {run.step}, {result['num_samples']} samples of the EMA generator: {figures} (written to {path})")
+    figures = ", ".join(
+        f"{key} {value:.4g}"
+        for key, value in result.items()
+        if isinstance(value, float)
+    )
+    print(
+        f"step {run.step}, {result['num_samples']} samples of the EMA generator: "
+        f"{figures} (written to {path})"
+    )
     return 0
 
 # %% ../notebooks/13_command_line.ipynb #c011
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hitlib", description="HiT (Zhao et al., NeurIPS 2021): configurations, "
-                                     "training on CPU/GPU/TPU, sampling and evaluation.")
+    parser = argparse.ArgumentParser(
+        prog="hitlib",
+        description="HiT (Zhao et al., NeurIPS 2021): configurations, "
+        "training on CPU/GPU/TPU, sampling and evaluation.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    summary = commands.add_parser("summary", help="parameters, FLOPs and stages of a generator configuration")
-    summary.add_argument("config", help="a preset of hitlib.config.PRESETS, e.g. tiny, release-128, hit-b-256")
-    summary.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="generator overrides, e.g. latent_dim=32")
-    summary.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    summary = commands.add_parser(
+        "summary", help="parameters, FLOPs and stages of a generator configuration"
+    )
+    summary.add_argument(
+        "config",
+        help="a preset of hitlib.config.PRESETS, e.g. tiny, release-128, hit-b-256",
+    )
+    summary.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="generator overrides, e.g. latent_dim=32",
+    )
+    summary.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object"
+    )
     summary.set_defaults(handler=command_summary)
 
     prepare = commands.add_parser(
-        "prepare", help="decode an image folder once into shards that training reads (FFHQ, CelebA-HQ, ImageNet, any)",
-        description="Decode every image of SOURCE once (any PNG/JPEG pixel format to RGB, centre square, resized) "
-        "into .npy shards in OUTPUT, with manifest.json written last. ImageNet is stored at round(R / 0.875) for "
-        "random crops of proportion 0.875. The same as `python datasets/prepare.py`; see datasets/README.md.")
-    prepare.add_argument("kind", choices=["ffhq", "celebahq", "imagenet-train", "imagenet-val", "folder"])
+        "prepare",
+        help="decode an image folder once into shards that training reads (FFHQ, "
+        "CelebA-HQ, ImageNet, any)",
+        description="Decode every image of SOURCE once (any PNG/JPEG pixel format to "
+        "RGB, centre square, resized) into .npy shards in OUTPUT, with manifest.json "
+        "written last. ImageNet is stored at round(R / 0.875) for random crops of "
+        "proportion 0.875. The same as `python datasets/prepare.py`; see "
+        "datasets/README.md.",
+    )
+    prepare.add_argument(
+        "kind", choices=["ffhq", "celebahq", "imagenet-train", "imagenet-val", "folder"]
+    )
     prepare.add_argument("source", help="the folder of images")
     prepare.add_argument("output", help="a new (or empty) folder for the shards")
-    prepare.add_argument("--resolution", type=int, default=None, help="side trained on (default 256, ImageNet 128)")
-    prepare.add_argument("--crop-fraction", dest="crop_fraction", type=float, default=None,
-                         help="only for 'folder': the share of the stored side that training crops (default 1)")
-    prepare.add_argument("--labels", choices=["subfolders"], default=None,
-                         help="only for 'folder': class = first-level subfolder")
-    prepare.add_argument("--classes-from", dest="classes_from", default=None,
-                         help="imagenet-val: the prepared training set (its class list)")
-    prepare.add_argument("--labels-csv", dest="labels_csv", default=None,
-                         help="imagenet-val, flat layout: 'name,synset ...' per line")
-    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                         help="decoding processes (default: one per core; 0: in this process)")
-    prepare.add_argument("--shard-size", dest="shard_size", type=int, default=4096, help="images per shard")
-    prepare.add_argument("--skip-bad", dest="skip_bad", action="store_true",
-                         help="leave unreadable files out (listed in the manifest) instead of stopping")
-    prepare.add_argument("--no-upscale", dest="no_upscale", action="store_true",
-                         help="refuse images smaller than the stored side instead of enlarging them with a warning")
+    prepare.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="side trained on (default 256, ImageNet 128)",
+    )
+    prepare.add_argument(
+        "--crop-fraction",
+        dest="crop_fraction",
+        type=float,
+        default=None,
+        help="only for 'folder': the share of the stored side that training crops "
+        "(default 1)",
+    )
+    prepare.add_argument(
+        "--labels",
+        choices=["subfolders"],
+        default=None,
+        help="only for 'folder': class = first-level subfolder",
+    )
+    prepare.add_argument(
+        "--classes-from",
+        dest="classes_from",
+        default=None,
+        help="imagenet-val: the prepared training set (its class list)",
+    )
+    prepare.add_argument(
+        "--labels-csv",
+        dest="labels_csv",
+        default=None,
+        help="imagenet-val, flat layout: 'name,synset ...' per line",
+    )
+    prepare.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="decoding processes (default: one per core; 0: in this process)",
+    )
+    prepare.add_argument(
+        "--shard-size",
+        dest="shard_size",
+        type=int,
+        default=4096,
+        help="images per shard",
+    )
+    prepare.add_argument(
+        "--skip-bad",
+        dest="skip_bad",
+        action="store_true",
+        help="leave unreadable files out (listed in the manifest) instead of stopping",
+    )
+    prepare.add_argument(
+        "--no-upscale",
+        dest="no_upscale",
+        action="store_true",
+        help="refuse images smaller than the stored side instead of enlarging them "
+        "with a warning",
+    )
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(handler=command_prepare)
 
-    train = commands.add_parser("train", help="train a run, or resume the one in --workdir")
-    train.add_argument("--recipe", default="tiny", help="a recipe of hitlib.recipes.RECIPES (default tiny: MNIST on a "
-                       "CPU in minutes; ffhq-256, celebahq-256, ffhq-1024, celebahq-1024, imagenet-128: the paper's)")
-    train.add_argument("--workdir", default=None, help="where checkpoints, samples and logs go (default runs/RECIPE)")
-    train.add_argument("--data", default=None, help="prepared shards (`hitlib prepare`; default: the embedded "
-                       "MNIST digits)")
-    train.add_argument("--steps", type=int, default=None, help="number of training steps (may grow on resume)")
-    train.add_argument("--dry-run", dest="dry_run", action="store_true",
-                       help="print the resolved configuration as JSON and exit")
-    train.add_argument("--reconfigure", action="store_true", help="on resume, allow learning rates, losses, batch "
-                       "size, data and flips to differ from the saved run (the state still fits)")
-    train.add_argument("--data-threads", dest="data_threads", type=int, default=None,
-                       help="threads reading batches ahead (default: one per core, up to 8)")
-    train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="several processes (CPU, GPU): process 0's address; with --num-processes and "
-                       "--process-id. On a multi-host TPU slice none of the three is needed")
+    train = commands.add_parser(
+        "train", help="train a run, or resume the one in --workdir"
+    )
+    train.add_argument(
+        "--recipe",
+        default="tiny",
+        help="a recipe of hitlib.recipes.RECIPES (default tiny: MNIST on a "
+        "CPU in minutes; ffhq-256, celebahq-256, ffhq-1024, celebahq-1024, "
+        "imagenet-128: the paper's)",
+    )
+    train.add_argument(
+        "--workdir",
+        default=None,
+        help="where checkpoints, samples and logs go (default runs/RECIPE)",
+    )
+    train.add_argument(
+        "--data",
+        default=None,
+        help="prepared shards (`hitlib prepare`; default: the embedded MNIST digits)",
+    )
+    train.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="number of training steps (may grow on resume)",
+    )
+    train.add_argument(
+        "--dry-run",
+        dest="dry_run",
+        action="store_true",
+        help="print the resolved configuration as JSON and exit",
+    )
+    train.add_argument(
+        "--reconfigure",
+        action="store_true",
+        help="on resume, allow learning rates, losses, batch "
+        "size, data and flips to differ from the saved run (the state still fits)",
+    )
+    train.add_argument(
+        "--data-threads",
+        dest="data_threads",
+        type=int,
+        default=None,
+        help="threads reading batches ahead (default: one per core, up to 8)",
+    )
+    train.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="several processes (CPU, GPU): process 0's address; with --num-processes "
+        "and --process-id. On a multi-host TPU slice none of the three is needed",
+    )
     train.add_argument("--num-processes", dest="num_processes", type=int, default=None)
     train.add_argument("--process-id", dest="process_id", type=int, default=None)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="TrainConfig fields (batch_size=16, g_lr=2e-4, ...) or generator overrides")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="TrainConfig fields (batch_size=16, g_lr=2e-4, ...) or generator "
+        "overrides",
+    )
     train.set_defaults(handler=command_train)
 
-    sample = commands.add_parser("sample", help="a PNG grid and an .npz of samples from the EMA generator")
+    sample = commands.add_parser(
+        "sample", help="a PNG grid and an .npz of samples from the EMA generator"
+    )
     sample.add_argument("--workdir", required=True)
-    sample.add_argument("--num", type=int, default=64, help="number of samples (default 64)")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the latents (default 0)")
-    sample.add_argument("--columns", type=int, default=8, help="images per row of the grid (default 8)")
-    sample.add_argument("--output", default=None, help="path without extension (default WORKDIR/samples/...)")
+    sample.add_argument(
+        "--num", type=int, default=64, help="number of samples (default 64)"
+    )
+    sample.add_argument(
+        "--seed", type=int, default=0, help="seed of the latents (default 0)"
+    )
+    sample.add_argument(
+        "--columns", type=int, default=8, help="images per row of the grid (default 8)"
+    )
+    sample.add_argument(
+        "--output",
+        default=None,
+        help="path without extension (default WORKDIR/samples/...)",
+    )
     sample.set_defaults(handler=command_sample)
 
-    interpolate = commands.add_parser("interpolate", help="linear morphs between pairs of latents (the paper's "
-                                      "Figure 7): a PNG strip, one row per pair, and an .npz")
+    interpolate = commands.add_parser(
+        "interpolate",
+        help="linear morphs between pairs of latents (the paper's "
+        "Figure 7): a PNG strip, one row per pair, and an .npz",
+    )
     interpolate.add_argument("--workdir", required=True)
-    interpolate.add_argument("--num", type=int, default=8, help="images per morph, both ends included (default 8)")
-    interpolate.add_argument("--pairs", type=int, default=4, help="number of latent pairs, one row each (default 4)")
-    interpolate.add_argument("--seed", type=int, default=0, help="seed of the end latents (default 0)")
-    interpolate.add_argument("--output", default=None, help="path without extension (default WORKDIR/samples/...)")
+    interpolate.add_argument(
+        "--num",
+        type=int,
+        default=8,
+        help="images per morph, both ends included (default 8)",
+    )
+    interpolate.add_argument(
+        "--pairs",
+        type=int,
+        default=4,
+        help="number of latent pairs, one row each (default 4)",
+    )
+    interpolate.add_argument(
+        "--seed", type=int, default=0, help="seed of the end latents (default 0)"
+    )
+    interpolate.add_argument(
+        "--output",
+        default=None,
+        help="path without extension (default WORKDIR/samples/...)",
+    )
     interpolate.set_defaults(handler=command_interpolate)
 
     evaluate = commands.add_parser(
-        "eval", help="score the EMA generator's samples, or (--stats OUT.npz without --metric) compute the real "
-        "data's reference statistics", description="With --metric (default fdd): evaluate the run in --workdir and "
-        "write WORKDIR/eval/METRIC_stepNNNNNNN.json. With --stats OUT.npz and no --metric: compute the reference "
-        "statistics of the real images (--data, else the run's data with --workdir, else the embedded digits) for "
-        "FID (and KID with --features). FID, IS and KID need the converted Inception weights (--weights, "
-        "$HITLIB_INCEPTION_WEIGHTS or ~/.cache/hitlib/fid_inception_v3.npz).")
-    evaluate.add_argument("--workdir", default=None, help="the run to evaluate (or whose data to use for --stats)")
-    evaluate.add_argument("--metric", choices=METRICS, default=None,
-                          help="fdd: Fréchet Digit Distance to the embedded digits (offline; chapter 11b); fid, is, "
-                               "kid: chapter 12 with the Inception network")
-    evaluate.add_argument("--num-samples", "--num", dest="num_samples", type=int, default=None,
-                          help="number of samples (default 50,000 for fid/is/kid, 30,000 for CelebA-HQ, as in the "
-                               "paper; 5,000 for fdd)")
-    evaluate.add_argument("--seed", type=int, default=1, help="seed of the latents (default 1)")
-    evaluate.add_argument("--step", type=int, default=None, help="evaluate this checkpoint (default: the newest)")
-    evaluate.add_argument("--stats", default=None,
-                          help="reference statistics: read for fid/kid; written when no --metric is given")
-    evaluate.add_argument("--weights", default=None, help="converted Inception weights (.npz)")
-    evaluate.add_argument("--batch-size", dest="batch_size", type=int, default=50,
-                          help="images per Inception batch, split over the devices (default 50)")
-    evaluate.add_argument("--data", default=None, help="--stats: a folder of real images (default: the embedded "
-                          "digits, or the run's data with --workdir)")
-    evaluate.add_argument("--resolution", type=int, default=None,
-                          help="--stats: the side of the images (default: the run's with --workdir, else 32)")
-    evaluate.add_argument("--dataset", default=None, help="the dataset's name in the statistics (default: mnist5k "
-                          "for the embedded digits, else the data folder's name)")
-    evaluate.add_argument("--features", action="store_true", help="--stats: also keep the features (KID needs them)")
+        "eval",
+        help="score the EMA generator's samples, or (--stats OUT.npz without "
+        "--metric) compute the real data's reference statistics",
+        description="With --metric (default fdd): evaluate the run in --workdir and "
+        "write WORKDIR/eval/METRIC_stepNNNNNNN.json. With --stats OUT.npz and no "
+        "--metric: compute the reference statistics of the real images (--data, else "
+        "the run's data with --workdir, else the embedded digits) for FID (and KID "
+        "with --features). FID, IS and KID need the converted Inception weights "
+        "(--weights, $HITLIB_INCEPTION_WEIGHTS or "
+        "~/.cache/hitlib/fid_inception_v3.npz).",
+    )
+    evaluate.add_argument(
+        "--workdir",
+        default=None,
+        help="the run to evaluate (or whose data to use for --stats)",
+    )
+    evaluate.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help="fdd: Fréchet Digit Distance to the embedded digits (offline; chapter "
+        "11b); fid, is, kid: chapter 12 with the Inception network",
+    )
+    evaluate.add_argument(
+        "--num-samples",
+        "--num",
+        dest="num_samples",
+        type=int,
+        default=None,
+        help="number of samples (default 50,000 for fid/is/kid, 30,000 for CelebA-HQ, "
+        "as in the paper; 5,000 for fdd)",
+    )
+    evaluate.add_argument(
+        "--seed", type=int, default=1, help="seed of the latents (default 1)"
+    )
+    evaluate.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="evaluate this checkpoint (default: the newest)",
+    )
+    evaluate.add_argument(
+        "--stats",
+        default=None,
+        help="reference statistics: read for fid/kid; written when no --metric is "
+        "given",
+    )
+    evaluate.add_argument(
+        "--weights", default=None, help="converted Inception weights (.npz)"
+    )
+    evaluate.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=50,
+        help="images per Inception batch, split over the devices (default 50)",
+    )
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        help="--stats: a folder of real images (default: the embedded "
+        "digits, or the run's data with --workdir)",
+    )
+    evaluate.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="--stats: the side of the images (default: the run's with --workdir, "
+        "else 32)",
+    )
+    evaluate.add_argument(
+        "--dataset",
+        default=None,
+        help="the dataset's name in the statistics (default: mnist5k "
+        "for the embedded digits, else the data folder's name)",
+    )
+    evaluate.add_argument(
+        "--features",
+        action="store_true",
+        help="--stats: also keep the features (KID needs them)",
+    )
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(handler=command_eval)
     return parser
 
 
 def main(argv=None) -> int:
-    "The `hitlib` command: returns the exit status (0 ok, 1 training stopped on a non-finite loss, 2 a usage error)."
+    """The `hitlib` command: returns the exit status (0 ok, 1 training stopped on a
+    non-finite loss, 2 a usage error)."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)  # KEY=VALUE words may come after options: collect them too
+    # KEY=VALUE words may come after options: collect them too
+    args, extra = parser.parse_known_args(argv)
     unknown = [word for word in extra if "=" not in word or word.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    for name in ("num", "columns", "pairs", "num_samples", "batch_size", "resolution", "shard_size", "steps"):
+    for name in (
+        "num",
+        "columns",
+        "pairs",
+        "num_samples",
+        "batch_size",
+        "resolution",
+        "shard_size",
+        "steps",
+    ):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -424,6 +795,10 @@ def main(argv=None) -> int:
     except FloatingPointError as error:
         print(f"hitlib {args.command}: {error}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as error:  # a user's mistake (a bad value, path or file): one line, status 2
+    # a user's mistake (a bad value, path or file): one line, status 2
+    except (
+        ValueError,
+        OSError,
+    ) as error:
         print(f"hitlib {args.command}: error: {error}", file=sys.stderr)
         return 2

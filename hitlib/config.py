@@ -19,10 +19,13 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
     "One stage of the generator, derived from a `GeneratorConfig` (Table 9's rows)."
+
     index: int
     resolution: int  # the stage's feature map is resolution × resolution
     width: int  # channels C
-    num_layers: int  # self-attention blocks (low resolution) or MLP blocks (high resolution)
+    num_layers: (
+        int  # self-attention blocks (low resolution) or MLP blocks (high resolution)
+    )
     num_heads: int
     block_size: Optional[int]  # None: high-resolution stage
     attention: str  # self-attention kind of a low-resolution stage
@@ -34,7 +37,8 @@ class StageSpec:
 
     @property
     def needs_transition_dense(self) -> bool:
-        "Pixel shuffle leaves C/4 channels; a dense layer follows only when that is not the next width (hit-facts)."
+        """Pixel shuffle leaves C/4 channels; a dense layer follows only when that is
+        not the next width (appendix, 'Where the paper is silent')."""
         return self.next_width is not None and self.width // 4 != self.next_width
 
     @property
@@ -64,8 +68,10 @@ class StageSpec:
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorConfig:
-    """A HiT generator. Per-stage tuples run from the 8×8 stage up to `resolution`; `block_sizes[i] = None` marks a
-    high-resolution (MLP-only) stage. Validated on construction: a `ValueError` names the offending field."""
+    """A HiT generator. Per-stage tuples run from the 8×8 stage up to `resolution`;
+    `block_sizes[i] = None` marks a high-resolution (MLP-only) stage. Validated on
+    construction: a `ValueError` names the offending field."""
+
     name: str
     resolution: int
     latent_dim: int
@@ -74,7 +80,9 @@ class GeneratorConfig:
     num_heads: tuple
     block_sizes: tuple
     attention: tuple  # per stage; only low-resolution stages use it
-    latent_grid: int = 4  # Z is latent_grid × latent_grid tokens (the release: 4×4 = 16 tokens)
+    latent_grid: int = (
+        4  # Z is latent_grid × latent_grid tokens (the release: 4×4 = 16 tokens)
+    )
     norm: str = "batch"
     multi_query: bool = True
     # False: no cross-attention and no latent embedding (Table 5's INR decoder)
@@ -94,14 +102,23 @@ class GeneratorConfig:
         "The stages as `StageSpec`s, resolution 8, 16, ..., `resolution`."
         n = self.num_stages
         return tuple(
-            StageSpec(i, 8 * 2**i, self.widths[i], self.num_layers[i], self.num_heads[i], self.block_sizes[i],
-                      self.attention[i], self.widths[i + 1] if i + 1 < n else None)
+            StageSpec(
+                i,
+                8 * 2**i,
+                self.widths[i],
+                self.num_layers[i],
+                self.num_heads[i],
+                self.block_sizes[i],
+                self.attention[i],
+                self.widths[i + 1] if i + 1 < n else None,
+            )
             for i in range(n)
         )
 
     @property
     def attention_stages(self) -> tuple:
-        "Table 6's `[a, b]`: the number of low-resolution (attention) and high-resolution stages."
+        """Table 6's `[a, b]`: the number of low-resolution (attention) and
+        high-resolution stages."""
         a = sum(b is not None for b in self.block_sizes)
         return (a, self.num_stages - a)
 
@@ -112,9 +129,16 @@ class GeneratorConfig:
 
 # %% ../notebooks/06_config.ipynb #6c63f804
 def stages_for_resolution(resolution: int) -> int:
-    "Number of stages for an output `resolution` = 8·2^k (k + 1 stages); `ValueError` naming `resolution` otherwise."
-    if not isinstance(resolution, int) or resolution < 8 or resolution & (resolution - 1):
-        raise ValueError(f"resolution must be 8·2^k (8, 16, 32, ...), got resolution={resolution!r}")
+    """Number of stages for an output `resolution` = 8·2^k (k + 1 stages); `ValueError`
+    naming `resolution` otherwise."""
+    if (
+        not isinstance(resolution, int)
+        or resolution < 8
+        or resolution & (resolution - 1)
+    ):
+        raise ValueError(
+            f"resolution must be 8·2^k (8, 16, 32, ...), got resolution={resolution!r}"
+        )
     return resolution.bit_length() - 3
 
 
@@ -124,7 +148,8 @@ def _positive_int(value, field: str):
 
 
 def validate(config: "GeneratorConfig"):
-    "Raise `ValueError` naming the field if `config` cannot be built; return it unchanged otherwise."
+    """Raise `ValueError` naming the field if `config` cannot be built; return it
+    unchanged otherwise."""
     n = stages_for_resolution(config.resolution)
     _positive_int(config.latent_dim, "latent_dim")
     _positive_int(config.latent_grid, "latent_grid")
@@ -133,92 +158,196 @@ def validate(config: "GeneratorConfig"):
         value = getattr(config, field)
         if not isinstance(value, tuple) or len(value) != n:
             raise ValueError(
-                f"{field} must have one entry per stage: resolution={config.resolution} needs {n} stages "
-                f"(8, 16, ..., {config.resolution}), got {field}={value!r}")
+                f"{field} must have one entry per stage: "
+                f"resolution={config.resolution} needs {n} stages "
+                f"(8, 16, ..., {config.resolution}), got {field}={value!r}"
+            )
     if config.norm not in NORM_KINDS:
         raise ValueError(f"norm must be one of {NORM_KINDS}, got norm={config.norm!r}")
     if config.compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got compute_dtype={config.compute_dtype!r}")
+        raise ValueError(
+            f"compute_dtype must be one of {COMPUTE_DTYPES}, got "
+            f"compute_dtype={config.compute_dtype!r}"
+        )
     if not isinstance(config.multi_query, bool):
-        raise ValueError(f"multi_query must be true or false, got multi_query={config.multi_query!r}")
+        raise ValueError(
+            f"multi_query must be true or false, got multi_query={config.multi_query!r}"
+        )
     if not isinstance(config.cross_attention, bool):
-        raise ValueError("cross_attention must be true or false, "
-                         f"got cross_attention={config.cross_attention!r}")
+        raise ValueError(
+            "cross_attention must be true or false, "
+            f"got cross_attention={config.cross_attention!r}"
+        )
     seen_high_resolution = False
     for i in range(n):
-        resolution, width, heads, block = 8 * 2**i, config.widths[i], config.num_heads[i], config.block_sizes[i]
+        resolution, width, heads, block = (
+            8 * 2**i,
+            config.widths[i],
+            config.num_heads[i],
+            config.block_sizes[i],
+        )
         _positive_int(width, f"widths[{i}]")
         _positive_int(heads, f"num_heads[{i}]")
         _positive_int(config.num_layers[i], f"num_layers[{i}]")
         if width % heads:
-            raise ValueError(f"num_heads[{i}]={heads} does not divide widths[{i}]={width}")
+            raise ValueError(
+                f"num_heads[{i}]={heads} does not divide widths[{i}]={width}"
+            )
         if i + 1 < n and width % 4:
-            raise ValueError(f"widths[{i}]={width} must be divisible by 4: pixel shuffle turns C channels into C/4")
+            raise ValueError(
+                f"widths[{i}]={width} must be divisible by 4: pixel shuffle turns C "
+                "channels into C/4"
+            )
         if block is None:
             seen_high_resolution = True
             continue
         if seen_high_resolution:
-            raise ValueError(f"block_sizes[{i}]={block}: a low-resolution (attention) stage cannot follow a "
-                             f"high-resolution one (block size None)")
+            raise ValueError(
+                f"block_sizes[{i}]={block}: a low-resolution (attention) stage cannot "
+                "follow a high-resolution one (block size None)"
+            )
         _positive_int(block, f"block_sizes[{i}]")
         if resolution % block:
-            raise ValueError(f"block_sizes[{i}]={block} does not divide that stage's resolution {resolution}")
+            raise ValueError(
+                f"block_sizes[{i}]={block} does not divide that stage's resolution "
+                f"{resolution}"
+            )
         kind = config.attention[i]
         if kind not in ATTENTION_KINDS:
-            raise ValueError(f"attention[{i}] must be one of {ATTENTION_KINDS}, got {kind!r}")
+            raise ValueError(
+                f"attention[{i}] must be one of {ATTENTION_KINDS}, got {kind!r}"
+            )
         if kind in ("multi_axis", "axial") and heads % 2:
-            raise ValueError(f"attention[{i}]={kind!r} splits the heads in two halves: num_heads[{i}]={heads} must be even")
+            raise ValueError(
+                f"attention[{i}]={kind!r} splits the heads in two halves: "
+                f"num_heads[{i}]={heads} must be even"
+            )
     if not seen_high_resolution:
-        raise ValueError("block_sizes needs at least one high-resolution stage (None): only those produce RGB, "
-                         f"got block_sizes={config.block_sizes!r}")
+        raise ValueError(
+            "block_sizes needs at least one high-resolution stage (None): only those "
+            f"produce RGB, got block_sizes={config.block_sizes!r}"
+        )
     return config
 
 # %% ../notebooks/06_config.ipynb #5fe1b94a
 def _preset(name, resolution, latent_dim, widths, num_layers, num_heads, block_sizes):
-    return dict(name=name, resolution=resolution, latent_dim=latent_dim, widths=tuple(widths),
-                num_layers=tuple(num_layers), num_heads=tuple(num_heads), block_sizes=tuple(block_sizes),
-                attention=tuple("multi_axis" for _ in widths))
+    return dict(
+        name=name,
+        resolution=resolution,
+        latent_dim=latent_dim,
+        widths=tuple(widths),
+        num_layers=tuple(num_layers),
+        num_heads=tuple(num_heads),
+        block_sizes=tuple(block_sizes),
+        attention=tuple("multi_axis" for _ in widths),
+    )
 
 
 _LOW = (4, 4, 8, 8)  # Table 9's block sizes of stages 1-4
 PRESETS = {
-    "hit-s-256": _preset("hit-s-256", 256, 512, (512, 256, 128, 64, 32, 32), (2, 2, 1, 1, 1, 1),
-                         (16, 8, 4, 4, 4, 4), _LOW + (None,) * 2),
-    "hit-b-256": _preset("hit-b-256", 256, 512, (512, 512, 256, 128, 64, 64), (2, 2, 2, 2, 1, 1),
-                         (16, 8, 4, 4, 4, 4), _LOW + (None,) * 2),
-    "hit-l-256": _preset("hit-l-256", 256, 512, (1024, 512, 256, 128, 128, 128), (2, 2, 2, 2, 2, 2),
-                         (16, 8, 4, 4, 4, 4), _LOW + (None,) * 2),
-    "hit-b-1024": _preset("hit-b-1024", 1024, 512, (512, 512, 256, 128, 64, 64, 32, 32), (2, 2, 2, 2, 1, 1, 1, 1),
-                          (16, 8, 4, 4, 4, 4, 4, 4), _LOW + (None,) * 4),
-    "hit-l-128": _preset("hit-l-128", 128, 256, (1024, 512, 256, 128, 128), (2, 2, 2, 2, 2),
-                         (16, 8, 4, 4, 4), _LOW + (None,)),
-    "release-128": _preset("release-128", 128, 256, (512, 512, 256, 128, 128), (2, 2, 2, 2, 2),
-                           (16, 8, 4, 4, 4), _LOW + (None,)),
-    "release-256": _preset("release-256", 256, 512, (512, 512, 256, 128, 64, 64), (2, 2, 2, 2, 1, 1),
-                           (16, 8, 4, 4, 4, 4), _LOW + (None,) * 2),
-    "release-1024": _preset("release-1024", 1024, 512, (512, 512, 256, 128, 64, 64, 32, 32),
-                            (2, 2, 2, 2, 1, 1, 1, 1), (16, 8, 4, 4, 4, 4, 4, 4), _LOW + (None,) * 4),
+    "hit-s-256": _preset(
+        "hit-s-256",
+        256,
+        512,
+        (512, 256, 128, 64, 32, 32),
+        (2, 2, 1, 1, 1, 1),
+        (16, 8, 4, 4, 4, 4),
+        _LOW + (None,) * 2,
+    ),
+    "hit-b-256": _preset(
+        "hit-b-256",
+        256,
+        512,
+        (512, 512, 256, 128, 64, 64),
+        (2, 2, 2, 2, 1, 1),
+        (16, 8, 4, 4, 4, 4),
+        _LOW + (None,) * 2,
+    ),
+    "hit-l-256": _preset(
+        "hit-l-256",
+        256,
+        512,
+        (1024, 512, 256, 128, 128, 128),
+        (2, 2, 2, 2, 2, 2),
+        (16, 8, 4, 4, 4, 4),
+        _LOW + (None,) * 2,
+    ),
+    "hit-b-1024": _preset(
+        "hit-b-1024",
+        1024,
+        512,
+        (512, 512, 256, 128, 64, 64, 32, 32),
+        (2, 2, 2, 2, 1, 1, 1, 1),
+        (16, 8, 4, 4, 4, 4, 4, 4),
+        _LOW + (None,) * 4,
+    ),
+    "hit-l-128": _preset(
+        "hit-l-128",
+        128,
+        256,
+        (1024, 512, 256, 128, 128),
+        (2, 2, 2, 2, 2),
+        (16, 8, 4, 4, 4),
+        _LOW + (None,),
+    ),
+    "release-128": _preset(
+        "release-128",
+        128,
+        256,
+        (512, 512, 256, 128, 128),
+        (2, 2, 2, 2, 2),
+        (16, 8, 4, 4, 4),
+        _LOW + (None,),
+    ),
+    "release-256": _preset(
+        "release-256",
+        256,
+        512,
+        (512, 512, 256, 128, 64, 64),
+        (2, 2, 2, 2, 1, 1),
+        (16, 8, 4, 4, 4, 4),
+        _LOW + (None,) * 2,
+    ),
+    "release-1024": _preset(
+        "release-1024",
+        1024,
+        512,
+        (512, 512, 256, 128, 64, 64, 32, 32),
+        (2, 2, 2, 2, 1, 1, 1, 1),
+        (16, 8, 4, 4, 4, 4, 4, 4),
+        _LOW + (None,) * 4,
+    ),
     "tiny": _preset("tiny", 32, 64, (128, 64, 32), (1, 1, 1), (4, 4, 4), (4, 4, None)),
 }
 
 # %% ../notebooks/06_config.ipynb #c25c68a4
 _PER_STAGE = ("widths", "num_layers", "num_heads", "block_sizes", "attention")
-_SCALARS = {"resolution": int, "latent_dim": int, "latent_grid": int, "norm": str, "multi_query": bool,
-            "cross_attention": bool, "compute_dtype": str, "mlp_ratio": int,
-            "name": str}
+_SCALARS = {
+    "resolution": int,
+    "latent_dim": int,
+    "latent_grid": int,
+    "norm": str,
+    "multi_query": bool,
+    "cross_attention": bool,
+    "compute_dtype": str,
+    "mlp_ratio": int,
+    "name": str,
+}
 _SPECIAL = ("attention_stages",)
 OVERRIDE_KEYS = tuple(sorted(_SCALARS)) + _PER_STAGE + _SPECIAL
 
 
 def _balanced_block_size(size: int) -> int:
-    "Square-map twin of `hitlib.reference.blocking.balanced_block_size` (kept NumPy-free; a test checks they agree)."
+    """Square-map twin of `hitlib.reference.blocking.balanced_block_size` (kept
+    NumPy-free; a test checks they agree)."""
     candidates = [p for p in range(1, size + 1) if size % p == 0]
     return min(candidates, key=lambda p: (abs(p * p - size * size // (p * p)), -p))
 
 
 def parse_value(key: str, text: str, kind):
     """The value of override `key=text` as `kind` (bool, int, float or str): the one
-    parser of `key=value` text, for generator keys here and training keys (chapter 11d)."""
+    parser of `key=value` text, for generator keys here and training keys (chapter
+    11d)."""
     if kind is bool:
         if text.lower() in ("true", "1", "yes"):
             return True
@@ -264,19 +393,30 @@ def _parse_stage_values(key: str, text: str, num_stages: int):
     if key == "attention":
         return tuple(items)
     if key == "block_sizes":
-        return tuple(None if item.lower() == "none" else parse_value(f"{key}", item, int) for item in items)
+        return tuple(
+            None if item.lower() == "none" else parse_value(f"{key}", item, int)
+            for item in items
+        )
     return tuple(parse_value(key, item, int) for item in items)
 
 
 def apply_overrides(fields: dict, overrides) -> dict:
-    "Apply `key=value` strings (or a dict of already-typed values) to preset `fields`; unknown keys raise `ValueError`."
+    """Apply `key=value` strings (or a dict of already-typed values) to preset `fields`;
+    unknown keys raise `ValueError`."""
     fields = dict(fields)
-    items = list(overrides.items()) if isinstance(overrides, dict) else split_overrides(overrides)
+    items = (
+        list(overrides.items())
+        if isinstance(overrides, dict)
+        else split_overrides(overrides)
+    )
     for key, value in items:
         if key not in OVERRIDE_KEYS:
             close = difflib.get_close_matches(key, OVERRIDE_KEYS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown override key {key!r}{hint} (known keys: {', '.join(OVERRIDE_KEYS)})")
+            raise ValueError(
+                f"unknown override key {key!r}{hint} (known keys: "
+                f"{', '.join(OVERRIDE_KEYS)})"
+            )
         is_text = isinstance(value, str)
         if key in _SCALARS:
             fields[key] = parse_value(key, value, _SCALARS[key]) if is_text else value
@@ -284,29 +424,44 @@ def apply_overrides(fields: dict, overrides) -> dict:
             a = parse_value(key, value, int) if is_text else value
             n = len(fields["widths"])
             if not 0 <= a < n:
-                raise ValueError(f"attention_stages={a} must be in [0, {n - 1}]: at least one stage must be high "
-                                 f"resolution to produce RGB")
+                raise ValueError(
+                    f"attention_stages={a} must be in [0, {n - 1}]: at least one stage "
+                    "must be high resolution to produce RGB"
+                )
             lows = [b for b in fields["block_sizes"] if b is not None]
             fields["block_sizes"] = tuple(
-                (lows[i] if i < len(lows) else _balanced_block_size(8 * 2**i)) if i < a else None for i in range(n))
+                (lows[i] if i < len(lows) else _balanced_block_size(8 * 2**i))
+                if i < a
+                else None
+                for i in range(n)
+            )
         elif key == "block_sizes" and is_text and value.strip().lower() == "balanced":
-            fields[key] = tuple(None if b is None else _balanced_block_size(8 * 2**i)
-                                for i, b in enumerate(fields["block_sizes"]))
+            fields[key] = tuple(
+                None if b is None else _balanced_block_size(8 * 2**i)
+                for i, b in enumerate(fields["block_sizes"])
+            )
         elif key == "block_sizes" and _one_block_size(value) is not None:
             size = _one_block_size(value)  # size × size in every low-resolution stage
             blocks = fields["block_sizes"]
             fields[key] = tuple(None if b is None else size for b in blocks)
         else:
-            fields[key] = _parse_stage_values(key, value, len(fields["widths"])) if is_text else tuple(value)
+            fields[key] = (
+                _parse_stage_values(key, value, len(fields["widths"]))
+                if is_text
+                else tuple(value)
+            )
     return fields
 
 
 def get_config(name: str, overrides=()) -> GeneratorConfig:
-    "The preset `name` with `overrides` (`['key=value', ...]` or a dict) applied, validated."
+    """The preset `name` with `overrides` (`['key=value', ...]` or a dict) applied,
+    validated."""
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})")
+        raise ValueError(
+            f"unknown preset {name!r}{hint} (presets: {', '.join(PRESETS)})"
+        )
     return GeneratorConfig(**apply_overrides(PRESETS[name], overrides))
 
 # %% ../notebooks/06_config.ipynb #a5b7c103
@@ -354,5 +509,9 @@ def parameter_counts(config: "GeneratorConfig") -> dict:
         if s.needs_transition_dense:
             count += _dense_count(s.width // 4, s.next_width)
         stages.append(count)
-    return {"initial": initial, "latent": latent, "stages": stages,
-            "total": initial + latent + sum(stages)}
+    return {
+        "initial": initial,
+        "latent": latent,
+        "stages": stages,
+        "total": initial + latent + sum(stages),
+    }

@@ -13,14 +13,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .inception import POOL_FEATURES, InceptionV3, _flatten, inception_v3_uint8, load_inception_weights
+from hitlib.inception import (
+    POOL_FEATURES,
+    InceptionV3,
+    _flatten,
+    inception_v3_uint8,
+    load_inception_weights,
+)
 from .reference import metrics as ref
 from .sampling import sample_latents
 from .scaling import batch_sharded, data_mesh, replicate
 
 # %% ../notebooks/12c_evaluate.ipynb #a0c12e06
 class FeatureMoments:
-    "Running mean and covariance of features [n, D], batch by batch, in float64 (Chan et al.'s pairwise update)."
+    """Running mean and covariance of features [n, D], batch by batch, in float64 (Chan
+    et al.'s pairwise update)."""
 
     def __init__(self):
         self.count, self.mean, self.scatter = 0, None, None
@@ -30,7 +37,9 @@ class FeatureMoments:
         ref.check_features(np.shape(features), min_samples=1)
         batch = np.asarray(features, np.float64)
         if self.mean is not None:
-            ref.check_same_width(self.mean.shape, batch.shape, "earlier features", "this batch")
+            ref.check_same_width(
+                self.mean.shape, batch.shape, "earlier features", "this batch"
+            )
         size, batch_mean = batch.shape[0], batch.mean(axis=0)  # b, [D]
         centred = batch - batch_mean
         batch_scatter = centred.T @ centred  # [D, D]
@@ -39,23 +48,31 @@ class FeatureMoments:
             return self
         total = self.count + size
         delta = batch_mean - self.mean  # [D]
-        self.scatter = self.scatter + batch_scatter + np.outer(delta, delta) * (self.count * size / total)
+        self.scatter = (
+            self.scatter
+            + batch_scatter
+            + np.outer(delta, delta) * (self.count * size / total)
+        )
         self.mean = self.mean + delta * (size / total)
         self.count = total
         return self
 
     def statistics(self):
-        "(mu [D], sigma [D, D]): the mean and the unbiased covariance of everything seen (at least 2 samples)."
+        """(mu [D], sigma [D, D]): the mean and the unbiased covariance of everything
+        seen (at least 2 samples)."""
         if self.count < 2:
             raise ValueError(f"statistics need at least 2 samples, got {self.count}")
         return self.mean.copy(), self.scatter / (self.count - 1)
 
 # %% ../notebooks/12c_evaluate.ipynb #a0c12e33
 def frechet_distance_low_rank(features, mu, sigma) -> float:
-    "Squared Fréchet distance between the Gaussian of features [N, D] (N <= D) and N(mu [D], sigma [D, D]), float64."
+    """Squared Fréchet distance between the Gaussian of features [N, D] (N <= D) and
+    N(mu [D], sigma [D, D]), float64."""
     ref.check_features(np.shape(features))
     ref.check_statistics(np.shape(mu), np.shape(sigma), "reference")
-    ref.check_same_width(np.shape(features), np.shape(mu), "features", "reference statistics")
+    ref.check_same_width(
+        np.shape(features), np.shape(mu), "features", "reference statistics"
+    )
     features, mu, sigma = (np.asarray(a, np.float64) for a in (features, mu, sigma))
     mean = features.mean(axis=0)  # [D]
     a = (features - mean) / np.sqrt(features.shape[0] - 1)  # [N, D], Σ₁ = AᵀA
@@ -68,24 +85,33 @@ def frechet_distance_low_rank(features, mu, sigma) -> float:
 # %% ../notebooks/12c_evaluate.ipynb #a0c12e13
 @jax.jit
 def quantize_generated(images):
-    "float images [B, H, W, 3], about [-1, 1] -> uint8: clip to [-1, 1], round((x + 1)·127.5) (chapter 12a's protocol)."
+    """float images [B, H, W, 3], about [-1, 1] -> uint8: clip to [-1, 1],
+    round((x + 1)·127.5) (chapter 12a's protocol)."""
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 # %% ../notebooks/12c_evaluate.ipynb #a0c12e16
 def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return int(batch_size)
 
 
 class FeatureExtractor:
-    """uint8 images -> (pool [b, 2048], logits [b, 1008] without the output bias), in batches of `batch_size`,
-    data-parallel over all devices when there are several (batch_size rounded up to a multiple of their number)."""
+    """uint8 images -> (pool [b, 2048], logits [b, 1008] without the output bias), in
+    batches of `batch_size`, data-parallel over all devices when there are several
+    (batch_size rounded up to a multiple of their number)."""
 
     def __init__(self, model: InceptionV3, batch_size: int = 50):
-        mesh = data_mesh()  # chapter 8's mesh over every device; one device is a mesh of one
+        # chapter 8's mesh over every device; one device is a mesh of one
+        mesh = data_mesh()
         self.num_devices = mesh.size
-        self.batch_size = -(-_check_batch_size(batch_size) // self.num_devices) * self.num_devices
+        self.batch_size = (
+            -(-_check_batch_size(batch_size) // self.num_devices) * self.num_devices
+        )
         self.sharding = batch_sharded(mesh)  # batch axis split over the devices
         self.params = replicate(mesh, model.as_params())  # weights replicated
 
@@ -94,19 +120,26 @@ class FeatureExtractor:
         return jax.device_put(batch, self.sharding)
 
     def run(self, images_uint8):
-        "A full batch uint8 [batch_size, H, W, 3] (host or device) -> (pool, logits) as device arrays."
+        """A full batch uint8 [batch_size, H, W, 3] (host or device) -> (pool, logits)
+        as device arrays."""
         return inception_v3_uint8(self.params, self.put(images_uint8), False)
 
     def __call__(self, images_uint8):
-        "uint8 [b, H, W, 3] with 1 <= b <= batch_size -> (pool [b, 2048], logits [b, 1008]), NumPy float32."
+        """uint8 [b, H, W, 3] with 1 <= b <= batch_size -> (pool [b, 2048],
+        logits [b, 1008]), NumPy float32."""
         batch = np.asarray(images_uint8)
         ref.check_images(batch.shape)
         ref.check_uint8(batch.dtype)
         real = batch.shape[0]
         if not 1 <= real <= self.batch_size:
-            raise ValueError(f"a batch must hold 1 to batch_size={self.batch_size} images, got {real}")
+            raise ValueError(
+                f"a batch must hold 1 to batch_size={self.batch_size} images, got "
+                f"{real}"
+            )
         if real < self.batch_size:  # pad with copies of the first image; cut off below
-            batch = np.concatenate([batch, np.repeat(batch[:1], self.batch_size - real, axis=0)])
+            batch = np.concatenate(
+                [batch, np.repeat(batch[:1], self.batch_size - real, axis=0)]
+            )
         pool, logits = self.run(batch)
         return np.asarray(pool)[:real], np.asarray(logits)[:real]
 
@@ -115,7 +148,8 @@ STATS_KEYS = ("mu", "sigma", "num_samples", "resolution", "dataset", "weights")
 
 
 def weights_fingerprint(model: InceptionV3) -> str:
-    "16 hex digits of the SHA-256 of the weights (keys in sorted order, float32 bytes): which network made a statistic."
+    """16 hex digits of the SHA-256 of the weights (keys in sorted order, float32
+    bytes): which network made a statistic."""
     digest = hashlib.sha256()
     for name, value in sorted(_flatten(model.as_params()).items()):
         digest.update(name.encode())
@@ -124,24 +158,31 @@ def weights_fingerprint(model: InceptionV3) -> str:
 
 
 def _check_image_batch(batch, index: int, resolution):
-    "Raise `ValueError` unless batch `index` is uint8 [b, R, R, 3] with b >= 1 and R == resolution (when known)."
+    """Raise `ValueError` unless batch `index` is uint8 [b, R, R, 3] with b >= 1 and R
+    == resolution (when known)."""
     name = f"images (batch {index})"
     ref.check_images(np.shape(batch), name)
     ref.check_uint8(batch.dtype, name)
     _, height, width, _ = batch.shape
     if height != width:
-        raise ValueError(f"{name} must be square [b, R, R, 3], got shape {tuple(batch.shape)}")
+        raise ValueError(
+            f"{name} must be square [b, R, R, 3], got shape {tuple(batch.shape)}"
+        )
     if resolution is not None and height != resolution:
-        raise ValueError(f"{name} has resolution {height}, but the earlier images have {resolution}")
+        raise ValueError(
+            f"{name} has resolution {height}, but the earlier images have {resolution}"
+        )
     return height
 
 
 def _rebatch(images, batch_size: int):
-    "uint8 [N, R, R, 3], or an iterable of uint8 batches of any sizes -> (batches of batch_size, the last maybe fewer)."
-    if hasattr(images, "shape") and hasattr(images, "dtype"):  # one array (or memory map): slice it
+    """uint8 [N, R, R, 3], or an iterable of uint8 batches of any sizes -> (batches of
+    batch_size, the last maybe fewer)."""
+    # one array (or memory map): slice it
+    if hasattr(images, "shape") and hasattr(images, "dtype"):
         _check_image_batch(images, 0, None)
         for start in range(0, images.shape[0], batch_size):
-            yield np.asarray(images[start:start + batch_size])
+            yield np.asarray(images[start : start + batch_size])
         return
     pending, count, resolution = [], 0, None
     for index, batch in enumerate(images):
@@ -157,20 +198,33 @@ def _rebatch(images, batch_size: int):
         yield np.concatenate(pending)
 
 
-def compute_reference_stats(images, model: InceptionV3, batch_size: int = 50, *, dataset: str = "",
-                            keep_features: bool = False, progress: bool = True) -> dict:
-    """Pool-feature statistics of real images: uint8 [N, R, R, 3] or an iterable of uint8 batches [b, R, R, 3].
+def compute_reference_stats(
+    images,
+    model: InceptionV3,
+    batch_size: int = 50,
+    *,
+    dataset: str = "",
+    keep_features: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Pool-feature statistics of real images: uint8 [N, R, R, 3] or an iterable of
+    uint8 batches [b, R, R, 3].
 
-    Returns {'mu' [2048], 'sigma' [2048, 2048] (float64, unbiased), 'num_samples' N, 'resolution' R, 'dataset',
-    'weights' (fingerprint)}, plus 'features' float32 [N, 2048] if `keep_features` (KID needs them). Every image
-    counts; batched (and sharded over the devices) by `FeatureExtractor`.
-    """
+    Returns {'mu' [2048], 'sigma' [2048, 2048] (float64, unbiased), 'num_samples' N,
+    'resolution' R, 'dataset', 'weights' (fingerprint)}, plus 'features'
+    float32 [N, 2048] if `keep_features` (KID needs them). Every image counts; batched
+    (and sharded over the devices) by `FeatureExtractor`."""
     from tqdm.auto import tqdm
 
     extractor = FeatureExtractor(model, batch_size)
     moments, kept, resolution = FeatureMoments(), [], None
     total = images.shape[0] if hasattr(images, "shape") else None
-    with tqdm(total=total, unit="img", desc=f"reference statistics {dataset}".strip(), disable=not progress) as bar:
+    with tqdm(
+        total=total,
+        unit="img",
+        desc=f"reference statistics {dataset}".strip(),
+        disable=not progress,
+    ) as bar:
         for batch in _rebatch(images, extractor.batch_size):
             resolution = batch.shape[1]
             pool, _ = extractor(batch)
@@ -179,55 +233,80 @@ def compute_reference_stats(images, model: InceptionV3, batch_size: int = 50, *,
                 kept.append(pool)
             bar.update(batch.shape[0])
     if moments.count < 2:
-        raise ValueError(f"reference statistics need at least 2 images, got {moments.count}")
+        raise ValueError(
+            f"reference statistics need at least 2 images, got {moments.count}"
+        )
     mu, sigma = moments.statistics()
-    stats = {"mu": mu, "sigma": sigma, "num_samples": moments.count, "resolution": int(resolution),
-             "dataset": str(dataset), "weights": weights_fingerprint(model)}
+    stats = {
+        "mu": mu,
+        "sigma": sigma,
+        "num_samples": moments.count,
+        "resolution": int(resolution),
+        "dataset": str(dataset),
+        "weights": weights_fingerprint(model),
+    }
     if keep_features:
         stats["features"] = np.concatenate(kept)
     return stats
 
 
 def _check_stats(stats: dict, source: str) -> None:
-    "Raise `ValueError` naming the first missing key or inconsistent shape of a statistics dict."
+    """Raise `ValueError` naming the first missing key or inconsistent shape of a
+    statistics dict."""
     for key in STATS_KEYS:
         if key not in stats:
-            raise ValueError(f"{source}: missing key {key!r} (reference statistics hold {', '.join(STATS_KEYS)}; "
-                             f"make them with compute_reference_stats)")
+            raise ValueError(
+                f"{source}: missing key {key!r} (reference statistics hold "
+                f"{', '.join(STATS_KEYS)}; make them with compute_reference_stats)"
+            )
     ref.check_statistics(np.shape(stats["mu"]), np.shape(stats["sigma"]), f"{source}:")
     if int(stats["num_samples"]) < 2 or int(stats["resolution"]) < 1:
-        raise ValueError(f"{source}: num_samples must be >= 2 and resolution >= 1, got {stats['num_samples']} and "
-                         f"{stats['resolution']}")
+        raise ValueError(
+            f"{source}: num_samples must be >= 2 and resolution >= 1, got "
+            f"{stats['num_samples']} and {stats['resolution']}"
+        )
     if "features" in stats:
         expected = (int(stats["num_samples"]), np.shape(stats["mu"])[0])
         if tuple(np.shape(stats["features"])) != expected:
-            raise ValueError(f"{source}: key 'features' has shape {tuple(np.shape(stats['features']))}, "
-                             f"expected {expected}")
+            raise ValueError(
+                f"{source}: key 'features' has shape "
+                f"{tuple(np.shape(stats['features']))}, expected {expected}"
+            )
 
 
 def save_stats(path, stats: dict) -> Path:
-    "Write reference statistics to a plain `.npz` (arrays and unicode scalars, no pickle); returns the path."
+    """Write reference statistics to a plain `.npz` (arrays and unicode scalars, no
+    pickle); returns the path."""
     _check_stats(stats, str(path))
-    arrays = {"mu": np.asarray(stats["mu"], np.float64), "sigma": np.asarray(stats["sigma"], np.float64),
-              "num_samples": np.int64(stats["num_samples"]), "resolution": np.int64(stats["resolution"]),
-              "dataset": np.str_(stats["dataset"]), "weights": np.str_(stats["weights"])}
+    arrays = {
+        "mu": np.asarray(stats["mu"], np.float64),
+        "sigma": np.asarray(stats["sigma"], np.float64),
+        "num_samples": np.int64(stats["num_samples"]),
+        "resolution": np.int64(stats["resolution"]),
+        "dataset": np.str_(stats["dataset"]),
+        "weights": np.str_(stats["weights"]),
+    }
     if "features" in stats:
         arrays["features"] = np.asarray(stats["features"], np.float32)
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as file:  # a file object: np.savez appends no '.npz' to the name
+    # a file object: np.savez appends no '.npz' to the name
+    with open(path, "wb") as file:
         np.savez(file, **arrays)
     return path
 
 
 def load_stats(path, expected_resolution=None, expected_dataset=None) -> dict:
-    """Read `save_stats`' file (allow_pickle=False) and check it; `ValueError` if it was computed for another
-    resolution or dataset than expected (naming both), or is missing a key."""
+    """Read `save_stats`' file (allow_pickle=False) and check it; `ValueError` if it was
+    computed for another resolution or dataset than expected (naming both), or is
+    missing a key."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"no reference statistics at {path}: compute them once from the real images, "
-                                f"stats = compute_reference_stats(images_uint8, model, dataset=NAME), and "
-                                f"save_stats({str(path)!r}, stats)")
+        raise FileNotFoundError(
+            f"no reference statistics at {path}: compute them once from the real "
+            "images, stats = compute_reference_stats(images_uint8, model, "
+            f"dataset=NAME), and save_stats({str(path)!r}, stats)"
+        )
     with np.load(path, allow_pickle=False) as archive:
         stats = {key: archive[key] for key in archive.files}
     _check_stats(stats, str(path))
@@ -236,13 +315,23 @@ def load_stats(path, expected_resolution=None, expected_dataset=None) -> dict:
     for key in ("dataset", "weights"):
         stats[key] = str(stats[key])
     wrong = []
-    if expected_resolution is not None and stats["resolution"] != int(expected_resolution):
-        wrong.append(f"resolution {stats['resolution']}, not the expected {int(expected_resolution)}")
+    if expected_resolution is not None and stats["resolution"] != int(
+        expected_resolution
+    ):
+        wrong.append(
+            f"resolution {stats['resolution']}, not the expected "
+            f"{int(expected_resolution)}"
+        )
     if expected_dataset is not None and stats["dataset"] != str(expected_dataset):
-        wrong.append(f"dataset {stats['dataset']!r}, not the expected {str(expected_dataset)!r}")
+        wrong.append(
+            f"dataset {stats['dataset']!r}, not the expected {str(expected_dataset)!r}"
+        )
     if wrong:
-        raise ValueError(f"{path} holds reference statistics of {' and of '.join(wrong)}: compute statistics of "
-                         f"the right data (compute_reference_stats) or pass the right file")
+        raise ValueError(
+            f"{path} holds reference statistics of {' and of '.join(wrong)}: compute "
+            "statistics of "
+            f"the right data (compute_reference_stats) or pass the right file"
+        )
     return stats
 
 # %% ../notebooks/12c_evaluate.ipynb #a0c12e20
@@ -250,70 +339,121 @@ METRICS = ("fid", "is", "kid")
 
 
 def _check_positive_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def _check_generated(images, batch_size: int, latent_dim: int):
-    "Raise `ValueError` unless generate_fn's output is float [batch_size, R, R, 3]; returns R."
+    """Raise `ValueError` unless generate_fn's output is float [batch_size, R, R, 3];
+    returns R."""
     shape = tuple(np.shape(images))
-    if len(shape) != 4 or shape[0] != batch_size or shape[1] != shape[2] or shape[3] != 3:
-        raise ValueError(f"generate_fn(z [{batch_size}, {latent_dim}]) must return images [{batch_size}, R, R, 3], "
-                         f"got shape {shape}")
+    if (
+        len(shape) != 4
+        or shape[0] != batch_size
+        or shape[1] != shape[2]
+        or shape[3] != 3
+    ):
+        raise ValueError(
+            f"generate_fn(z [{batch_size}, {latent_dim}]) must return images "
+            f"[{batch_size}, R, R, 3], got shape {shape}"
+        )
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"generate_fn must return float images in about [-1, 1], got dtype {images.dtype}")
+        raise ValueError(
+            f"generate_fn must return float images in about [-1, 1], got dtype "
+            f"{images.dtype}"
+        )
     return shape[1]
 
 
-def evaluate_generator(generate_fn, latent_dim: int, num_samples: int, metric="fid", model=None, stats=None,
-                       batch_size: int = 50, seed: int = 0, *, num_splits: int = 10, kid_subsets: int = 100,
-                       kid_subset_size: int = 1000, progress: bool = True) -> dict:
-    """FID / IS / KID of `num_samples` images of `generate_fn(z [B, latent_dim]) -> [B, R, R, 3]` in about [-1, 1].
+def evaluate_generator(
+    generate_fn,
+    latent_dim: int,
+    num_samples: int,
+    metric="fid",
+    model=None,
+    stats=None,
+    batch_size: int = 50,
+    seed: int = 0,
+    *,
+    num_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """FID / IS / KID of `num_samples` images of
+    `generate_fn(z [B, latent_dim]) -> [B, R, R, 3]` in about [-1, 1].
 
-    metric: 'fid', 'is', 'kid' or a sequence of them. model: `InceptionV3`, a weights path, or None (default path).
-    stats: reference statistics (`compute_reference_stats` / `load_stats`), needed for FID and KID. Returns a dict.
+    metric: 'fid', 'is', 'kid' or a sequence of them. model: `InceptionV3`, a
+        weights path, or None (default path).
+    stats: reference statistics (`compute_reference_stats` / `load_stats`), needed
+        for FID and KID. Returns a dict.
     """
     from tqdm.auto import tqdm
 
     metrics = (metric,) if isinstance(metric, str) else tuple(metric)
     if not metrics or any(m not in METRICS for m in metrics):
-        raise ValueError(f"metric must be one of {METRICS} or a sequence of them, got {metric!r}")
+        raise ValueError(
+            f"metric must be one of {METRICS} or a sequence of them, got {metric!r}"
+        )
     latent_dim = _check_positive_int(latent_dim, "latent_dim")
     num_samples = _check_positive_int(num_samples, "num_samples", 2)
     if "is" in metrics:
         ref.check_splits(num_samples, num_splits)
     needs_stats = [m for m in metrics if m in ("fid", "kid")]
     if needs_stats and stats is None:
-        raise ValueError(f"metric {needs_stats[0]!r} needs the real data's statistics: stats=load_stats(path) "
-                         f"(made once by compute_reference_stats)")
+        raise ValueError(
+            f"metric {needs_stats[0]!r} needs the real data's statistics: "
+            "stats=load_stats(path) (made once by compute_reference_stats)"
+        )
     if stats is not None:
         _check_stats(stats, "stats")
     if "kid" in metrics and "features" not in stats:
-        raise ValueError("metric 'kid' needs the real images' features: compute the reference statistics with "
-                         "compute_reference_stats(..., keep_features=True)")
+        raise ValueError(
+            "metric 'kid' needs the real images' features: compute the reference "
+            "statistics with compute_reference_stats(..., keep_features=True)"
+        )
     if model is None or isinstance(model, (str, Path)):
         model = load_inception_weights(model)
     fingerprint = weights_fingerprint(model)
     if stats is not None and str(stats["weights"]) != fingerprint:
-        raise ValueError(f"the reference statistics were computed with Inception weights {str(stats['weights'])}, "
-                         f"this model's are {fingerprint}: recompute the statistics with this model")
+        raise ValueError(
+            f"the reference statistics were computed with Inception weights "
+            f"{str(stats['weights'])}, "
+            f"this model's are {fingerprint}: recompute the statistics with this model"
+        )
 
     extractor = FeatureExtractor(model, batch_size)
     batch = extractor.batch_size
-    keep_pools = "kid" in metrics or ("fid" in metrics and num_samples <= POOL_FEATURES)  # see the N x N route
+    # see the N x N route
+    keep_pools = "kid" in metrics or ("fid" in metrics and num_samples <= POOL_FEATURES)
     moments, pools, logits, resolution = FeatureMoments(), [], [], None
-    with tqdm(total=num_samples, unit="img", desc="evaluate " + "/".join(metrics), disable=not progress) as bar:
+    with tqdm(
+        total=num_samples,
+        unit="img",
+        desc="evaluate " + "/".join(metrics),
+        disable=not progress,
+    ) as bar:
         for start in range(0, num_samples, batch):
             real = min(batch, num_samples - start)
-            z = extractor.put(sample_latents(seed, np.arange(start, start + batch), latent_dim))  # [batch, D]
+            # [batch, D]
+            z = extractor.put(
+                sample_latents(seed, np.arange(start, start + batch), latent_dim)
+            )
             images = generate_fn(z)  # [batch, R, R, 3]
             size = _check_generated(images, batch, latent_dim)
             if resolution is None:
                 resolution = size
                 if stats is not None and int(stats["resolution"]) != size:
-                    raise ValueError(f"the generator makes {size}x{size} images, the reference statistics are of "
-                                     f"{int(stats['resolution'])}x{int(stats['resolution'])} images")
+                    raise ValueError(
+                        f"the generator makes {size}x{size} images, the reference "
+                        "statistics are of "
+                        f"{int(stats['resolution'])}x{int(stats['resolution'])} images"
+                    )
             pool, logit = extractor.run(quantize_generated(images))
             pool = np.asarray(pool)[:real]  # [real, 2048]
             moments.update(pool)
@@ -323,12 +463,23 @@ def evaluate_generator(generate_fn, latent_dim: int, num_samples: int, metric="f
                 logits.append(np.asarray(logit)[:real])
             bar.update(real)
 
-    results = {"num_samples": num_samples, "resolution": resolution, "seed": seed, "batch_size": batch,
-               "num_devices": extractor.num_devices, "weights": fingerprint}
+    results = {
+        "num_samples": num_samples,
+        "resolution": resolution,
+        "seed": seed,
+        "batch_size": batch,
+        "num_devices": extractor.num_devices,
+        "weights": fingerprint,
+    }
     if stats is not None:
-        results.update(dataset=str(stats["dataset"]), reference_samples=int(stats["num_samples"]))
-    if "fid" in metrics and num_samples <= POOL_FEATURES:  # rank-deficient: the exact N x N route
-        results["fid"] = frechet_distance_low_rank(np.concatenate(pools), stats["mu"], stats["sigma"])
+        results.update(
+            dataset=str(stats["dataset"]), reference_samples=int(stats["num_samples"])
+        )
+    # rank-deficient: the exact N x N route
+    if "fid" in metrics and num_samples <= POOL_FEATURES:
+        results["fid"] = frechet_distance_low_rank(
+            np.concatenate(pools), stats["mu"], stats["sigma"]
+        )
     elif "fid" in metrics:
         mu, sigma = moments.statistics()
         results["fid"] = ref.frechet_distance(mu, sigma, stats["mu"], stats["sigma"])
@@ -338,7 +489,13 @@ def evaluate_generator(generate_fn, latent_dim: int, num_samples: int, metric="f
     if "kid" in metrics:
         real_features = np.asarray(stats["features"])
         subset = min(kid_subset_size, num_samples, real_features.shape[0])
-        kid_mean, kid_std = ref.kernel_inception_distance(real_features, np.concatenate(pools), kid_subsets, subset,
-                                                          seed)
-        results.update(kid_mean=kid_mean, kid_std=kid_std, kid_subsets=kid_subsets, kid_subset_size=subset)
+        kid_mean, kid_std = ref.kernel_inception_distance(
+            real_features, np.concatenate(pools), kid_subsets, subset, seed
+        )
+        results.update(
+            kid_mean=kid_mean,
+            kid_std=kid_std,
+            kid_subsets=kid_subsets,
+            kid_subset_size=subset,
+        )
     return results

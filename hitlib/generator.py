@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['INFERENCE_TILE_TOKENS', 'cast', 'compute_dtype', 'Projection', 'Dense', 'Norm', 'Attention', 'MLPBlock', 'ToRGB',
-           'LatentEmbedding', 'self_attention', 'AttentionBlock', 'tile_size', 'Stage', 'Generator', 'reference_params',
+           'LatentEmbedding', 'self_attention', 'AttentionBlock', 'Stage', 'Generator', 'tile_size', 'reference_params',
            'load_reference_params', 'abstract_generator', 'stage_activation_bytes', 'summary']
 
 # %% ../notebooks/07b_generator_flax.ipynb #cd885b01
@@ -16,18 +16,34 @@ from flax import nnx
 from .blocking import block, unblock
 from .config import GeneratorConfig, StageSpec
 from .cross_attention import cross_attention, latent_tokens
-from .layers import (batch_moments, batch_norm, batch_norm_running_update, dense, gelu, layer_norm,
-                           rgb_skip, stage_transition)
-from .multi_axis import (axial_attention, dilated_attention, full_attention, multi_axis_attention,
-                               regional_attention)
+from hitlib.layers import (
+    batch_moments,
+    batch_norm,
+    batch_norm_running_update,
+    dense,
+    gelu,
+    layer_norm,
+    rgb_skip,
+    stage_transition,
+)
+from hitlib.multi_axis import (
+    axial_attention,
+    dilated_attention,
+    full_attention,
+    multi_axis_attention,
+    regional_attention,
+)
 
 # %% ../notebooks/07b_generator_flax.ipynb #b1b07d44
-_truncated_normal = jax.nn.initializers.truncated_normal(stddev=0.02)  # N(0, 0.02²) cut at ±2σ, as TensorFlow's
+# N(0, 0.02²) cut at ±2σ, as TensorFlow's
+_truncated_normal = jax.nn.initializers.truncated_normal(stddev=0.02)
 
 
 def cast(tree, dtype):
     "Cast every floating leaf of a pytree to `dtype` (no-op when it already has it)."
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    return jax.tree.map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
 
 
 def compute_dtype(config: GeneratorConfig):
@@ -35,10 +51,13 @@ def compute_dtype(config: GeneratorConfig):
 
 
 class Projection(nnx.Module):
-    "A kernel and a bias of any shapes (the attention projections of chapter 2's layout)."
+    """A kernel and a bias of any shapes (the attention projections of chapter 2's
+    layout)."""
 
     def __init__(self, kernel_shape, bias_shape, *, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_truncated_normal(rngs.params(), tuple(kernel_shape), jnp.float32))
+        self.kernel = nnx.Param(
+            _truncated_normal(rngs.params(), tuple(kernel_shape), jnp.float32)
+        )
         self.bias = nnx.Param(jnp.zeros(tuple(bias_shape), jnp.float32))
 
     def as_params(self, dtype=jnp.float32):
@@ -56,7 +75,8 @@ class Dense(Projection):
 
 
 class Norm(nnx.Module):
-    "Layer norm (eps 1e-6) or batch norm (eps 1e-3, running statistics with momentum 0.99) over the last axis."
+    """Layer norm (eps 1e-6) or batch norm (eps 1e-3, running statistics with momentum
+    0.99) over the last axis."""
 
     def __init__(self, width: int, kind: str, momentum: float = 0.99):
         self.kind, self.momentum = kind, momentum
@@ -71,9 +91,11 @@ class Norm(nnx.Module):
         if self.kind == "layer":
             return layer_norm(x, params)
         if train:
-            mean, var = batch_moments(x)  # [C] each, float32, var biased: they normalise (with gradients)
+            # [C] each, float32, var biased: they normalise (with gradients)
+            mean, var = batch_moments(x)
             running = {"mean": self.mean[...], "var": self.var[...]}
-            running = batch_norm_running_update(x, running, self.momentum)  # Keras': the unbiased var·n/(n-1)
+            # Keras': the unbiased var·n/(n-1)
+            running = batch_norm_running_update(x, running, self.momentum)
             self.mean[...] = jax.lax.stop_gradient(running["mean"])
             self.var[...] = jax.lax.stop_gradient(running["var"])
         else:
@@ -82,23 +104,38 @@ class Norm(nnx.Module):
 
 # %% ../notebooks/07b_generator_flax.ipynb #23e58c0a
 class Attention(nnx.Module):
-    """Multi-query (Algorithm 2) or multi-head attention parameters: query [C, h, d], key/value [C_kv, d] or
-    [C_kv, h, d], out [h, d, C]. The computation (which attention, on which layout) is the caller's."""
+    """Multi-query (Algorithm 2) or multi-head attention parameters: query [C, h, d],
+    key/value [C_kv, d] or [C_kv, h, d], out [h, d, C]. The computation (which
+    attention, on which layout) is the caller's."""
 
-    def __init__(self, width: int, num_heads: int, kv_width: int, multi_query: bool = True, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        kv_width: int,
+        multi_query: bool = True,
+        *,
+        rngs: nnx.Rngs,
+    ):
         head_dim = width // num_heads
         kv_heads = (head_dim,) if multi_query else (num_heads, head_dim)
-        self.query = Projection((width, num_heads, head_dim), (num_heads, head_dim), rngs=rngs)
+        self.query = Projection(
+            (width, num_heads, head_dim), (num_heads, head_dim), rngs=rngs
+        )
         self.key = Projection((kv_width,) + kv_heads, kv_heads, rngs=rngs)
         self.value = Projection((kv_width,) + kv_heads, kv_heads, rngs=rngs)
         self.out = Projection((num_heads, head_dim, width), (width,), rngs=rngs)
 
     def as_params(self, dtype=jnp.float32):
-        return {name: getattr(self, name).as_params(dtype) for name in ("query", "key", "value", "out")}
+        return {
+            name: getattr(self, name).as_params(dtype)
+            for name in ("query", "key", "value", "out")
+        }
 
 
 class MLPBlock(nnx.Module):
-    "Pre-norm residual MLP block: x + Dense_C(GELU(Dense_rC(norm(x)))) (chapter 5's `mlp_block`)."
+    """Pre-norm residual MLP block: x + Dense_C(GELU(Dense_rC(norm(x)))) (chapter 5's
+    `mlp_block`)."""
 
     def __init__(self, width: int, norm: str, mlp_ratio: int = 4, *, rngs: nnx.Rngs):
         self.norm = Norm(width, norm)
@@ -121,21 +158,33 @@ class ToRGB(nnx.Module):
 
 
 class LatentEmbedding(nnx.Module):
-    "Z = Norm(Reshape(Linear(z)) + P_Z): z [B, D] -> [B, L, C0] with L = grid² tokens (section 3.3)."
+    """Z = Norm(Reshape(Linear(z)) + P_Z): z [B, D] -> [B, L, C0] with L = grid² tokens
+    (section 3.3)."""
 
-    def __init__(self, latent_dim: int, width: int, grid_size: int, norm: str, *, rngs: nnx.Rngs):
+    def __init__(
+        self, latent_dim: int, width: int, grid_size: int, norm: str, *, rngs: nnx.Rngs
+    ):
         self.grid_size = grid_size
         self.dense = Dense(latent_dim, grid_size * grid_size * width, rngs=rngs)
-        self.pos = nnx.Param(_truncated_normal(rngs.params(), (grid_size * grid_size, width), jnp.float32))
+        self.pos = nnx.Param(
+            _truncated_normal(
+                rngs.params(), (grid_size * grid_size, width), jnp.float32
+            )
+        )
         self.norm = Norm(width, norm)
 
     def __call__(self, z, train: bool = False):
-        params = {"dense": self.dense.as_params(z.dtype), "pos": self.pos[...].astype(z.dtype)}
-        return self.norm(latent_tokens(z, params, grid_size=self.grid_size), train)  # [B, L, C0]
+        params = {
+            "dense": self.dense.as_params(z.dtype),
+            "pos": self.pos[...].astype(z.dtype),
+        }
+        # [B, L, C0]
+        return self.norm(latent_tokens(z, params, grid_size=self.grid_size), train)
 
 # %% ../notebooks/07b_generator_flax.ipynb #53d71bde
 def self_attention(x, params, kind: str, block_size: int, layer: int = 0):
-    "Self-attention of a low-resolution stage, x [B, H, W, C] -> [B, H, W, C] (chapter 7a's `self_attention`)."
+    """Self-attention of a low-resolution stage, x [B, H, W, C] -> [B, H, W, C] (chapter
+    7a's `self_attention`)."""
     _, height, width, _ = x.shape
     if kind == "full":
         return full_attention(x, params)
@@ -149,15 +198,27 @@ def self_attention(x, params, kind: str, block_size: int, layer: int = 0):
         attend = dilated_attention
     else:
         raise ValueError(f"unknown attention kind {kind!r}")
-    return unblock(attend(block(x, block_size), params), height, width)  # blocked [B, M, N, C] inside
+    # blocked [B, M, N, C] inside
+    return unblock(attend(block(x, block_size), params), height, width)
 
 
 class AttentionBlock(nnx.Module):
-    "x + Attention(norm(x), context), then an MLP block; context = the latent Z (cross) or norm(x) itself (self)."
+    """x + Attention(norm(x), context), then an MLP block; context = the latent Z
+    (cross) or norm(x) itself (self)."""
 
-    def __init__(self, width: int, num_heads: int, kv_width: int, config: GeneratorConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        kv_width: int,
+        config: GeneratorConfig,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.norm = Norm(width, config.norm)
-        self.attention = Attention(width, num_heads, kv_width, config.multi_query, rngs=rngs)
+        self.attention = Attention(
+            width, num_heads, kv_width, config.multi_query, rngs=rngs
+        )
         self.mlp = MLPBlock(width, config.norm, config.mlp_ratio, rngs=rngs)
 
     def cross_attend(self, x, latent, train: bool = False):
@@ -166,101 +227,102 @@ class AttentionBlock(nnx.Module):
         x = x + cross_attention(y, latent, self.attention.as_params(x.dtype))
         return self.mlp(x, train)
 
-    def self_attend(self, x, kind: str, block_size: int, layer: int = 0, train: bool = False):
+    def self_attend(
+        self, x, kind: str, block_size: int, layer: int = 0, train: bool = False
+    ):
         "x [B, H, W, C] attends to itself with attention `kind`."
         y = self.norm(x, train)
-        x = x + self_attention(y, self.attention.as_params(x.dtype), kind, block_size, layer)
+        x = x + self_attention(
+            y, self.attention.as_params(x.dtype), kind, block_size, layer
+        )
         return self.mlp(x, train)
 
 # %% ../notebooks/07b_generator_flax.ipynb #96d204e3
-INFERENCE_TILE_TOKENS = 8192  # tokens (over the whole batch) per tile of a high-resolution stage at inference
-
-
-def tile_size(batch: int, tokens: int, target: int = None) -> int:
-    "Tokens per image in one tile: the largest power-of-two divisor of `tokens` with batch × size <= target (min 1)."
-    target = INFERENCE_TILE_TOKENS if target is None else target
-    size = tokens
-    while size % 2 == 0 and size > 1 and batch * size > target:
-        size //= 2
-    return size
-
-
 class Stage(nnx.Module):
     "One stage of Algorithm 1 (chapter 7a's `generator_stage`)."
 
     def __init__(self, spec: StageSpec, config: GeneratorConfig, *, rngs: nnx.Rngs):
         self.spec, self.norm_kind = spec, config.norm
         width = spec.width
-        self.pos = nnx.Param(_truncated_normal(rngs.params(), (spec.resolution, spec.resolution, width), jnp.float32))
+        self.pos = nnx.Param(
+            _truncated_normal(
+                rngs.params(), (spec.resolution, spec.resolution, width), jnp.float32
+            )
+        )
         # None in Table 5's INR decoder; one assignment (NNX fixes an attribute's kind
         # when it is first set)
         cross = config.cross_attention
-        self.cross = AttentionBlock(width, spec.num_heads, config.widths[0], config,
-                                    rngs=rngs) if cross else None
+        self.cross = (
+            AttentionBlock(width, spec.num_heads, config.widths[0], config, rngs=rngs)
+            if cross
+            else None
+        )
         if spec.is_low_resolution:
-            self.blocks = nnx.List([AttentionBlock(width, spec.num_heads, width, config, rngs=rngs)
-                                    for _ in range(spec.num_layers)])
+            self.blocks = nnx.List(
+                [
+                    AttentionBlock(width, spec.num_heads, width, config, rngs=rngs)
+                    for _ in range(spec.num_layers)
+                ]
+            )
             self.to_rgb = None
         else:
-            self.blocks = nnx.List([MLPBlock(width, config.norm, config.mlp_ratio, rngs=rngs)
-                                    for _ in range(spec.num_layers)])
+            self.blocks = nnx.List(
+                [
+                    MLPBlock(width, config.norm, config.mlp_ratio, rngs=rngs)
+                    for _ in range(spec.num_layers)
+                ]
+            )
             self.to_rgb = ToRGB(width, config.norm, rngs=rngs)
-        self.transition = Dense(width // 4, spec.next_width, rngs=rngs) if spec.needs_transition_dense else None
+        self.transition = (
+            Dense(width // 4, spec.next_width, rngs=rngs)
+            if spec.needs_transition_dense
+            else None
+        )
 
     def __call__(self, x, latent, image, train: bool = False, tiled: bool = True):
-        """x [B, H, W, C], latent [B, L, C0] (None without cross-attention),
-        image [B, H/2, W/2, 3] or None
-        -> (x for the next stage [B, 2H, 2W, C_next] (the last stage: its own map), image [B, H, W, 3] or None).
-        tiled: run a high-resolution stage tile by tile at inference (same numbers, less memory traffic)."""
+        """x [B, H, W, C], latent [B, L, C0] (None without cross-attention), image
+        [B, H/2, W/2, 3] or None -> (x for the next stage [B, 2H, 2W, C_next] (the last
+        stage: its own map), image [B, H, W, 3] or None).
+
+        tiled: run a high-resolution stage tile by tile at inference (the same
+        numbers, less memory traffic; `_per_pixel_tiled`)."""
         spec = self.spec
         x = x + self.pos[...].astype(x.dtype)
         if not spec.is_low_resolution and not train and tiled:
-            x, rgb = self._per_pixel_tiled(x, latent)
+            x, rgb = _per_pixel_tiled(self, x, latent)
             image = rgb_skip(image, rgb)
         else:
             if self.cross is not None:
                 x = self.cross.cross_attend(x, latent, train)
             for layer, block_module in enumerate(self.blocks):
                 if spec.is_low_resolution:
-                    x = block_module.self_attend(x, spec.attention, spec.block_size, layer, train)
+                    x = block_module.self_attend(
+                        x, spec.attention, spec.block_size, layer, train
+                    )
                 else:
                     x = block_module(x, train)
             if self.to_rgb is not None:
-                image = rgb_skip(image, self.to_rgb(x, train).astype(jnp.float32))  # the image accumulates in float32
+                # the image accumulates in float32
+                rgb = self.to_rgb(x, train).astype(jnp.float32)
+                image = rgb_skip(image, rgb)
         if spec.next_width is not None:
-            params = None if self.transition is None else self.transition.as_params(x.dtype)
+            params = (
+                None if self.transition is None else self.transition.as_params(x.dtype)
+            )
             x = stage_transition(x, params)
         return x, image
 
-    def _per_pixel_tiled(self, x, latent):
-        """A high-resolution stage at inference, tile by tile: x [B, H, W, C] -> (x [B, H, W, C], rgb [B, H, W, 3]).
-
-        Every operation of the stage acts on each pixel alone (cross-attention reads the image's own Z; the norms use
-        running statistics), so running it on tiles of pixels computes the same numbers with activations that stay
-        small (a 4C-wide MLP activation of a whole batch at 256 px is gigabytes)."""
-        batch, height, width, channels = x.shape
-        size = tile_size(batch, height * width)
-        tiles = x.reshape(batch, height * width // size, size, channels).transpose(1, 0, 2, 3)  # [T/S, B, S, C]
-
-        def stage_on_tile(tile):  # [B, S, C]
-            if self.cross is not None:
-                tile = self.cross.cross_attend(tile, latent)
-            for block_module in self.blocks:
-                tile = block_module(tile)
-            return tile, self.to_rgb(tile).astype(jnp.float32)
-
-        tiles, rgb = jax.lax.map(stage_on_tile, tiles)  # [T/S, B, S, C], [T/S, B, S, 3]
-        untile = lambda t: t.transpose(1, 0, 2, 3).reshape(batch, height, width, t.shape[-1])
-        return untile(tiles), untile(rgb)
-
-
+# %% ../notebooks/07b_generator_flax.ipynb #c68aba66
 class Generator(nnx.Module):
-    """The HiT generator: `Generator(config, rngs=nnx.Rngs(seed))(z [B, latent_dim], train=False)` -> [B, R, R, 3].
+    """The HiT generator: `Generator(config, rngs=nnx.Rngs(seed))(z [B, latent_dim],
+    train=False)` -> [B, R, R, 3].
 
-    train=True normalises with batch statistics and updates the batch norms' running averages (chapter 11's training
-    step); train=False (sampling, evaluation) uses the running averages. Inside `jax.grad`/`jax.value_and_grad` of a
-    pure function, rebuild the model with `nnx.merge(graphdef, params, batch_stats, copy=True)` so that a training-mode
-    call may write its statistics; read them back with `nnx.state(model, nnx.BatchStat)`.
+    train=True normalises with batch statistics and updates the batch norms' running
+    averages (chapter 11's training step); train=False (sampling, evaluation) uses
+    the running averages. Inside `jax.grad`/`jax.value_and_grad` of a pure function,
+    rebuild the model with `nnx.merge(graphdef, params, batch_stats, copy=True)` so
+    that a training-mode call may write its statistics; read them back with
+    `nnx.state(model, nnx.BatchStat)`.
     """
 
     def __init__(self, config: GeneratorConfig, *, rngs: nnx.Rngs):
@@ -269,14 +331,23 @@ class Generator(nnx.Module):
         self.initial = Dense(config.latent_dim, 8 * 8 * c0, rngs=rngs)
         # None without cross-attention: nothing else reads Z
         cross = config.cross_attention
-        self.latent = LatentEmbedding(config.latent_dim, c0, config.latent_grid,
-                                      config.norm, rngs=rngs) if cross else None
-        self.stages = nnx.List([Stage(spec, config, rngs=rngs) for spec in config.stages])
+        self.latent = (
+            LatentEmbedding(
+                config.latent_dim, c0, config.latent_grid, config.norm, rngs=rngs
+            )
+            if cross
+            else None
+        )
+        self.stages = nnx.List(
+            [Stage(spec, config, rngs=rngs) for spec in config.stages]
+        )
 
     def __call__(self, z, train: bool = False):
         config = self.config
         if z.ndim != 2 or z.shape[1] != config.latent_dim:
-            raise ValueError(f"z must have shape [B, latent_dim={config.latent_dim}], got {z.shape}")
+            raise ValueError(
+                f"z must have shape [B, latent_dim={config.latent_dim}], got {z.shape}"
+            )
         z = z.astype(compute_dtype(config))
         x = self.initial(z).reshape(z.shape[0], 8, 8, config.widths[0])  # [B, 8, 8, C0]
         latent = None if self.latent is None else self.latent(z, train)  # [B, L, C0]
@@ -284,6 +355,48 @@ class Generator(nnx.Module):
         for stage in self.stages:
             x, image = stage(x, latent, image, train)
         return image  # [B, R, R, 3] float32
+
+# %% ../notebooks/07b_generator_flax.ipynb #bdee98ff
+# tokens (over the whole batch) per tile of a high-resolution stage at inference
+INFERENCE_TILE_TOKENS = 8192
+
+
+def tile_size(batch: int, tokens: int, target: int = None) -> int:
+    """Tokens per image in one tile: the largest power-of-two divisor of `tokens` with
+    batch × size <= target (min 1)."""
+    target = INFERENCE_TILE_TOKENS if target is None else target
+    size = tokens
+    while size % 2 == 0 and size > 1 and batch * size > target:
+        size //= 2
+    return size
+
+# %% ../notebooks/07b_generator_flax.ipynb #19e410da
+def _per_pixel_tiled(stage: Stage, x, latent, target: int = None):
+    """A high-resolution `stage` at inference, tile by tile: x [B, H, W, C] ->
+    (x [B, H, W, C], rgb [B, H, W, 3]); tiles of `tile_size(B, H·W, target)` pixels.
+
+    Every operation of the stage acts on each pixel alone (cross-attention reads the
+    image's own Z; the norms use running statistics), so running it on tiles of pixels
+    computes the same numbers with activations that stay small (a 4C-wide MLP
+    activation of a whole batch at 256 px is gigabytes)."""
+    batch, height, width, channels = x.shape
+    size = tile_size(batch, height * width, target)
+    tiles = x.reshape(batch, height * width // size, size, channels)
+    tiles = tiles.transpose(1, 0, 2, 3)  # [T/S, B, S, C]
+
+    def stage_on_tile(tile):  # [B, S, C]
+        if stage.cross is not None:
+            tile = stage.cross.cross_attend(tile, latent)
+        for block_module in stage.blocks:
+            tile = block_module(tile)
+        return tile, stage.to_rgb(tile).astype(jnp.float32)
+
+    tiles, rgb = jax.lax.map(stage_on_tile, tiles)  # [T/S, B, S, C], [T/S, B, S, 3]
+
+    def untile(t):
+        return t.transpose(1, 0, 2, 3).reshape(batch, height, width, t.shape[-1])
+
+    return untile(tiles), untile(rgb)
 
 # %% ../notebooks/07b_generator_flax.ipynb #09d79e74
 def _lists_to_dicts(tree):
@@ -305,30 +418,42 @@ def _dicts_to_lists(tree):
 
 
 def _shapes(tree) -> dict:
-    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(path): tuple(np.shape(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def reference_params(model: nnx.Module) -> dict:
-    "The model's parameters and batch statistics as a NumPy tree in chapter 7a's layout."
-    return _dicts_to_lists(nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
+    """The model's parameters and batch statistics as a NumPy tree in chapter 7a's
+    layout."""
+    return _dicts_to_lists(
+        nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
+    )
 
 
 def load_reference_params(model: nnx.Module, params: dict) -> nnx.Module:
-    "Write a chapter 7a tree into the model (float32); `ValueError` naming the first leaf whose path or shape differs."
+    """Write a chapter 7a tree into the model (float32); `ValueError` naming the first
+    leaf whose path or shape differs."""
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
     expected, given = _shapes(nnx.to_pure_dict(state)), _shapes(_lists_to_dicts(params))
     for key in sorted(set(expected) | set(given)):
         if expected.get(key) != given.get(key):
-            raise ValueError(f"parameter {key}: the model has shape {expected.get(key)}, the tree {given.get(key)} "
-                             "(None: missing)")
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _lists_to_dicts(params)))
+            raise ValueError(
+                f"parameter {key}: the model has shape {expected.get(key)}, the tree "
+                f"{given.get(key)} (None: missing)"
+            )
+    nnx.replace_by_pure_dict(
+        state,
+        jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _lists_to_dicts(params)),
+    )
     nnx.update(model, state)
     return model
 
 # %% ../notebooks/07b_generator_flax.ipynb #bfa56da4
 def abstract_generator(config: GeneratorConfig) -> Generator:
-    "A `Generator` whose variables are `jax.ShapeDtypeStruct`s: shapes and counts without allocating any weight."
+    """A `Generator` whose variables are `jax.ShapeDtypeStruct`s: shapes and counts
+    without allocating any weight."""
     return nnx.eval_shape(lambda: Generator(config, rngs=nnx.Rngs(0)))
 
 
@@ -337,10 +462,13 @@ def _count(tree) -> int:
 
 
 def _flops(module, *args, **kwargs) -> float:
-    """FLOPs of module(*args, **kwargs) in inference mode, from XLA's cost analysis of the lowered computation (nothing
-    compiled). XLA counts a loop's body once, so stages are counted untiled (`tiled=False`)."""
+    """FLOPs of module(*args, **kwargs) in inference mode, from XLA's cost analysis of
+    the lowered computation (nothing compiled). XLA counts a loop's body once, so
+    stages are counted untiled (`tiled=False`)."""
     graphdef, state = nnx.split(module)
-    lowered = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a, **kwargs)).lower(state, *args)
+    lowered = jax.jit(lambda state, *a: nnx.merge(graphdef, state)(*a, **kwargs)).lower(
+        state, *args
+    )
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
@@ -348,12 +476,12 @@ def _flops(module, *args, **kwargs) -> float:
 
 def _attention_weights_per_image(spec: StageSpec) -> int:
     "Entries of one self-attention layer's weights for one image (every head)."
-    tokens, h = spec.resolution ** 2, spec.num_heads
+    tokens, h = spec.resolution**2, spec.num_heads
     if spec.attention == "full":
         return h * tokens * tokens
     if spec.attention == "axial":
         return h * tokens * spec.resolution
-    n = spec.block_size ** 2  # tokens per block
+    n = spec.block_size**2  # tokens per block
     m = tokens // n  # blocks
     if spec.attention == "multi_axis":
         return h // 2 * tokens * n + h // 2 * tokens * m
@@ -361,50 +489,69 @@ def _attention_weights_per_image(spec: StageSpec) -> int:
 
 
 def stage_activation_bytes(spec: StageSpec, config: GeneratorConfig) -> int:
-    "A lower bound on a training step's stored activations per image for one stage, float32 (see the chapter)."
-    tokens, width = spec.resolution ** 2, spec.width
-    per_block = tokens * width * 3 + tokens * width * config.mlp_ratio  # input, norm, residual; MLP hidden
+    """A lower bound on a training step's stored activations per image for one stage,
+    float32 (see the chapter)."""
+    tokens, width = spec.resolution**2, spec.width
+    # input, norm, residual; MLP hidden
+    per_block = tokens * width * 3 + tokens * width * config.mlp_ratio
     entries = spec.num_layers * per_block
     if config.cross_attention:  # one more block, and attention weights over L tokens
-        entries += per_block + tokens * config.latent_grid ** 2 * spec.num_heads
+        entries += per_block + tokens * config.latent_grid**2 * spec.num_heads
     if spec.is_low_resolution:
         entries += spec.num_layers * _attention_weights_per_image(spec)
     return 4 * entries
 
 
 def summary(config: GeneratorConfig, flops: bool = True) -> dict:
-    """Parameters (total, input layers, per stage), batch statistics, FLOPs per image and activation memory of `config`,
-    computed from shapes only. Keys: params, params_input, batch_stats, flops, activation_mb, stages (list of dicts)."""
+    """Parameters (total, input layers, per stage), batch statistics, FLOPs per image
+    and activation memory of `config`, computed from shapes only. Keys: params,
+    params_input, batch_stats, flops, activation_mb, stages (list of dicts)."""
     model = abstract_generator(config)
     inputs = [model.initial]  # z -> the initial map, and z -> Z with cross-attention
     if model.latent is not None:
         inputs.append(model.latent)
-    result = {"name": config.name, "resolution": config.resolution,
-              "params": _count(nnx.state(model, nnx.Param)),
-              "params_input": sum(_count(nnx.state(m, nnx.Param)) for m in inputs),
-              "batch_stats": _count(nnx.state(model, nnx.BatchStat)), "stages": []}
+    result = {
+        "name": config.name,
+        "resolution": config.resolution,
+        "params": _count(nnx.state(model, nnx.Param)),
+        "params_input": sum(_count(nnx.state(m, nnx.Param)) for m in inputs),
+        "batch_stats": _count(nnx.state(model, nnx.BatchStat)),
+        "stages": [],
+    }
     dtype = compute_dtype(config)
     if flops:
         z = jax.ShapeDtypeStruct((1, config.latent_dim), dtype)
         result["flops_input"] = sum(_flops(module, z) for module in inputs)
     image = None
     for spec, stage in zip(config.stages, model.stages):
-        entry = {"index": spec.index, "resolution": spec.resolution, "width": spec.width, "num_layers": spec.num_layers,
-                 "num_heads": spec.num_heads, "block_size": spec.block_size,
-                 "kind": spec.attention if spec.is_low_resolution else "mlp",
-                 "params": _count(nnx.state(stage, nnx.Param)),
-                 "activation_mb": stage_activation_bytes(spec, config) / 2**20}
+        entry = {
+            "index": spec.index,
+            "resolution": spec.resolution,
+            "width": spec.width,
+            "num_layers": spec.num_layers,
+            "num_heads": spec.num_heads,
+            "block_size": spec.block_size,
+            "kind": spec.attention if spec.is_low_resolution else "mlp",
+            "params": _count(nnx.state(stage, nnx.Param)),
+            "activation_mb": stage_activation_bytes(spec, config) / 2**20,
+        }
         if flops:
-            x = jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, spec.width), dtype)
+            x = jax.ShapeDtypeStruct(
+                (1, spec.resolution, spec.resolution, spec.width), dtype
+            )
             latent = None
             if config.cross_attention:
-                tokens = config.latent_grid ** 2
+                tokens = config.latent_grid**2
                 latent = jax.ShapeDtypeStruct((1, tokens, config.widths[0]), dtype)
             entry["flops"] = _flops(stage, x, latent, image, tiled=False)
             if not spec.is_low_resolution:
-                image = jax.ShapeDtypeStruct((1, spec.resolution, spec.resolution, 3), jnp.float32)
+                image = jax.ShapeDtypeStruct(
+                    (1, spec.resolution, spec.resolution, 3), jnp.float32
+                )
         result["stages"].append(entry)
     if flops:
-        result["flops"] = result["flops_input"] + sum(entry["flops"] for entry in result["stages"])
+        result["flops"] = result["flops_input"] + sum(
+            entry["flops"] for entry in result["stages"]
+        )
     result["activation_mb"] = sum(entry["activation_mb"] for entry in result["stages"])
     return result

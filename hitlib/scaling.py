@@ -6,8 +6,8 @@ __all__ = ['DATA_AXIS', 'data_mesh', 'replicated', 'batch_sharded', 'check_batch
 
 # %% ../notebooks/08_speed_and_scaling.ipynb #127a515c
 # nbdev writes `__all__` first, so the docstring is set by name
-__doc__ = """Data parallelism: the one-axis `data` mesh, replicated state and sharded batches,
-and the processes of a multi-host run joined into one program (chapter 8)."""
+__doc__ = """Data parallelism: the one-axis `data` mesh, replicated state and sharded
+batches, and the processes of a multi-host run joined into one program (chapter 8)."""
 import os
 from typing import Optional
 
@@ -27,8 +27,9 @@ def data_mesh(devices=None) -> Mesh:
     # Auto: XLA propagates the shardings it is given (jit's in and out shardings, the
     # step's constraints); make_mesh's default, Explicit, would put a sharding into
     # every array's type.
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), (AxisType.Auto,),
-                         devices=devices)
+    return jax.make_mesh(
+        (len(devices),), (DATA_AXIS,), (AxisType.Auto,), devices=devices
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -44,9 +45,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_divides(batch_size: int, mesh: Mesh, name: str = "batch_size") -> None:
     "`ValueError` naming `name` unless the batch splits evenly over the mesh."
     if batch_size % mesh.size:
-        raise ValueError(f"{name}={batch_size} must be divisible by the number of "
-                         f"devices ({mesh.size}): data parallelism gives every "
-                         "device the same share of the batch")
+        raise ValueError(
+            f"{name}={batch_size} must be divisible by the number of "
+            f"devices ({mesh.size}): data parallelism gives every "
+            "device the same share of the batch"
+        )
 
 
 def shard_batch(mesh: Mesh, local_batch):
@@ -55,7 +58,8 @@ def shard_batch(mesh: Mesh, local_batch):
     sharding = batch_sharded(mesh)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-        local_batch)
+        local_batch,
+    )
 
 
 def replicate(mesh: Mesh, tree):
@@ -67,7 +71,8 @@ def local_copy(tree):
     "Each leaf's copy on this process's first device: what it may compute on alone."
     return jax.tree.map(
         lambda leaf: leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf,
-        tree)
+        tree,
+    )
 
 
 def multi_host_tpu() -> bool:
@@ -76,9 +81,11 @@ def multi_host_tpu() -> bool:
     return len([host for host in hosts.split(",") if host.strip()]) > 1
 
 
-def initialize_processes(coordinator: Optional[str] = None,
-                         num_processes: Optional[int] = None,
-                         process_id: Optional[int] = None) -> int:
+def initialize_processes(
+    coordinator: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+) -> int:
     """Join the processes of one run into one JAX program; returns their number. Must
     run before anything touches a device. With `coordinator` ("HOST:PORT", process
     0's address), `num_processes` and `process_id` (all three or none):
@@ -90,20 +97,28 @@ def initialize_processes(coordinator: Optional[str] = None,
             jax.distributed.initialize()
         return jax.process_count()
     if any(value is None for value in given):
-        raise ValueError("--coordinator, --num-processes and --process-id go "
-                         "together (all three or none)")
+        raise ValueError(
+            "--coordinator, --num-processes and --process-id go "
+            "together (all three or none)"
+        )
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"coordinator must look like HOST:PORT, got {coordinator!r}")
-    if not all(isinstance(n, int) and not isinstance(n, bool)
-               for n in (num_processes, process_id)):
+    if not all(
+        isinstance(n, int) and not isinstance(n, bool)
+        for n in (num_processes, process_id)
+    ):
         raise ValueError("num_processes and process_id must be integers")
     if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id={process_id} must be in [0, num_processes="
-                         f"{num_processes})")
+        raise ValueError(
+            f"process_id={process_id} must be in [0, num_processes={num_processes})"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
     return jax.process_count()
 
 
@@ -111,4 +126,5 @@ def barrier(name: str) -> None:
     "Wait until every process has got here (nothing to wait for in one process)."
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)

@@ -9,9 +9,8 @@ fails on
 - a script or stylesheet loaded from another host (a CDN);
 - an image, script or stylesheet whose file is not in the build;
 - an internal link to a page or anchor that does not exist;
-- a line of code wider than the text column, 88 characters (pages of the notebooks in
-  tests/test_style.py's PENDING_88_COLUMNS are not checked yet). Printed outputs wrap
-  at the column instead (`_theme/book.css`).
+- a line of code wider than the text column, 88 characters. Printed outputs wrap at the
+  column instead (`_theme/book.css`).
 Screenshots of a few pages are written to `_build/screenshots/` (CI artefacts).
 
 Nothing here depends on timing: virtual time makes Chromium wait for the page's own
@@ -30,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from bs4 import BeautifulSoup
 
-from test_style import MAX_COLUMNS, is_pending
+from test_style import MAX_COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "_build" / "screenshots"
@@ -249,9 +248,6 @@ def code_blocks(page):
 def test_code_fits_the_column(book, static):
     too_wide, pages = [], 0
     for name in page_names(book):
-        notebook = name.replace(".html", ".ipynb")
-        if is_pending(notebook):
-            continue
         pages += 1
         for pre in code_blocks(static[name]):
             lines = pre.get_text().splitlines() or [""]

@@ -15,30 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MAX_COLUMNS = 88
 
-# Not reformatted yet: the notebooks below and the modules exported from them, plus
-# the hand-written `hitlib/__main__.py`. Remove an entry once its file is reformatted.
-PENDING_88_COLUMNS = frozenset(
-    {
-        "notebooks/06_config.ipynb",
-        "notebooks/07a_generator_numpy.ipynb",
-        "notebooks/07b_generator_flax.ipynb",
-        "notebooks/08_speed_and_scaling.ipynb",
-        "notebooks/12c_evaluate.ipynb",
-        "notebooks/13_command_line.ipynb",
-        "notebooks/14_train_on_tpu.ipynb",
-        "hitlib/config.py",
-        "hitlib/reference/generator.py",
-        "hitlib/generator.py",
-        "hitlib/scaling.py",
-        "hitlib/evaluate.py",
-        "hitlib/cli.py",
-        "hitlib/__main__.py",
-    }
-)
-def is_pending(relative: str) -> bool:
-    "Whether a notebook or module (path relative to the repository) is still pending."
-    return relative in PENDING_88_COLUMNS
-
 
 def notebook_lines(path: Path):
     "(cell index, line number, line) of every line of every code cell."
@@ -71,12 +47,7 @@ def files():
     return [p.relative_to(ROOT).as_posix() for p in notebooks + modules]
 
 
-def test_pending_list_names_existing_files():
-    missing = [p for p in PENDING_88_COLUMNS if not (ROOT / p).exists()]
-    assert not missing, f"PENDING_88_COLUMNS names files that do not exist: {missing}"
-
-
-@pytest.mark.parametrize("relative", [p for p in files() if not is_pending(p)])
+@pytest.mark.parametrize("relative", files())
 def test_code_lines_fit_88_columns(relative):
     path = ROOT / relative
     lines = notebook_lines(path) if path.suffix == ".ipynb" else module_lines(path)

@@ -2,9 +2,9 @@
 
 # %% auto #0
 __all__ = ['softmax', 'softmax_loops', 'check_dot_product_shapes', 'dot_product_attention', 'dot_product_attention_loops',
-           'is_multi_query', 'check_attention_params', 'attention_weights', 'multi_query_attention',
-           'multi_head_attention', 'truncated_normal', 'init_attention_params', 'multi_query_to_multi_head',
-           'multi_query_attention_loops', 'multi_head_attention_loops', 'attention_weights_loops']
+           'is_multi_query', 'attention_weights', 'multi_query_attention', 'multi_head_attention', 'truncated_normal',
+           'init_attention_params', 'multi_query_to_multi_head', 'multi_query_attention_loops',
+           'multi_head_attention_loops', 'attention_weights_loops', 'check_attention_params']
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #bea33bbd
 import math
@@ -121,9 +121,6 @@ def dot_product_attention_loops(q, k, v):
     return out
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #4446343d
-_PROJECTIONS = ("query", "key", "value", "out")
-
-
 def _leaf_shape(leaf):
     "The shape of a parameter leaf: an array (NumPy, JAX, tracer) or a shape tuple."
     return tuple(leaf) if isinstance(leaf, (tuple, list)) else tuple(np.shape(leaf))
@@ -133,97 +130,6 @@ def is_multi_query(params) -> bool:
     """True for multi-query parameters (key kernel [C_kv, d]), False for multi-head ones
     (key kernel [C_kv, h, d])."""
     return len(_leaf_shape(params["key"]["kernel"])) == 2
-
-
-def check_attention_params(x_shape, y_shape, params, multi_query=None):
-    """Raise `ValueError` unless queries `x` [..., Nq, C], keys/values `y`
-    [..., Nk, C_kv] and `params` fit together.
-
-    `params` holds arrays or shape tuples in the layout of CONVENTIONS.md.
-    `multi_query=True` (False) demands multi-query (multi-head) parameters; None accepts
-    either. Returns `(num_heads, head_dim)`. Checks shapes only, so the JAX module
-    reuses it and both raise the same message, before any computation.
-    """
-    for name in _PROJECTIONS:
-        if (
-            not isinstance(params, dict)
-            or name not in params
-            or not isinstance(params[name], dict)
-        ):
-            raise ValueError(
-                f"params must have a dict params[{name!r}] with 'kernel' and 'bias'"
-            )
-        for leaf in ("kernel", "bias"):
-            if leaf not in params[name]:
-                raise ValueError(f"params[{name!r}] has no {leaf!r}")
-    shapes = {
-        name: {leaf: _leaf_shape(params[name][leaf]) for leaf in ("kernel", "bias")}
-        for name in _PROJECTIONS
-    }
-    query_kernel, key_kernel = shapes["query"]["kernel"], shapes["key"]["kernel"]
-    if len(query_kernel) != 3:
-        raise ValueError(
-            f"params['query']['kernel'] must have shape [C, h, d], got {query_kernel}"
-        )
-    width, num_heads, head_dim = query_kernel
-    if len(key_kernel) not in (2, 3):
-        raise ValueError(
-            "params['key']['kernel'] must have shape [C_kv, d] (multi-query) or "
-            f"[C_kv, h, d] (multi-head), got {key_kernel}"
-        )
-    if multi_query is True and len(key_kernel) == 3:
-        raise ValueError(
-            f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, h, d]: these "
-            "are multi-head parameters, use multi_head_attention"
-        )
-    if multi_query is False and len(key_kernel) == 2:
-        raise ValueError(
-            f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, d]: these "
-            "are multi-query parameters, use multi_query_attention"
-        )
-    kv_width = key_kernel[0]
-    # (d,) or (h, d)
-    kv_heads = (head_dim,) if len(key_kernel) == 2 else (num_heads, head_dim)
-    expected = {
-        "query": {
-            "kernel": (width, num_heads, head_dim),
-            "bias": (num_heads, head_dim),
-        },
-        "key": {"kernel": (kv_width,) + kv_heads, "bias": kv_heads},
-        "value": {"kernel": (kv_width,) + kv_heads, "bias": kv_heads},
-        "out": {"kernel": (num_heads, head_dim, width), "bias": (width,)},
-    }
-    for name in _PROJECTIONS:
-        for leaf in ("kernel", "bias"):
-            if shapes[name][leaf] != expected[name][leaf]:
-                raise ValueError(
-                    f"params[{name!r}][{leaf!r}] has shape {shapes[name][leaf]}, "
-                    f"expected {expected[name][leaf]} (width C={width}, num_heads "
-                    f"h={num_heads}, head_dim d={head_dim}, kv width C_kv={kv_width})"
-                )
-    for name, shape, what, want in (
-        ("x", x_shape, "the query kernel's input width C", width),
-        ("y", y_shape, "the key kernel's input width C_kv", kv_width),
-    ):
-        if len(shape) < 2:
-            raise ValueError(
-                f"{name} must have rank >= 2 [..., N, C], got shape {tuple(shape)}"
-            )
-        if shape[-1] != want:
-            raise ValueError(
-                f"{name} has width {shape[-1]} (shape {tuple(shape)}) but {what} is "
-                f"{want}"
-            )
-    if tuple(x_shape[:-2]) != tuple(y_shape[:-2]):
-        raise ValueError(
-            f"leading dims of x {tuple(x_shape[:-2])} and y {tuple(y_shape[:-2])} must "
-            f"match (x shape {tuple(x_shape)}, y shape {tuple(y_shape)})"
-        )
-    if y_shape[-2] < 1:
-        raise ValueError(
-            f"y must have at least one token to attend to, got shape {tuple(y_shape)}"
-        )
-    return num_heads, head_dim
 
 # %% ../../notebooks/02a_attention_numpy.ipynb #56ef6ad7
 def _project(x, y, params):
@@ -482,3 +388,97 @@ def attention_weights_loops(x, y, params):
     "Naive-loop twin of `attention_weights` (float64): -> [..., h, Nq, Nk]."
     check_attention_params(x.shape, y.shape, params)
     return _attention_loops(x, y, params)[1]
+
+# %% ../../notebooks/02a_attention_numpy.ipynb #fae78253
+_PROJECTIONS = ("query", "key", "value", "out")
+
+
+def check_attention_params(x_shape, y_shape, params, multi_query=None):
+    """Raise `ValueError` unless queries `x` [..., Nq, C], keys/values `y`
+    [..., Nk, C_kv] and `params` fit together.
+
+    `params` holds arrays or shape tuples in the layout of CONVENTIONS.md.
+    `multi_query=True` (False) demands multi-query (multi-head) parameters; None accepts
+    either. Returns `(num_heads, head_dim)`. Checks shapes only, so the JAX module
+    reuses it and both raise the same message, before any computation.
+    """
+    for name in _PROJECTIONS:
+        if (
+            not isinstance(params, dict)
+            or name not in params
+            or not isinstance(params[name], dict)
+        ):
+            raise ValueError(
+                f"params must have a dict params[{name!r}] with 'kernel' and 'bias'"
+            )
+        for leaf in ("kernel", "bias"):
+            if leaf not in params[name]:
+                raise ValueError(f"params[{name!r}] has no {leaf!r}")
+    shapes = {
+        name: {leaf: _leaf_shape(params[name][leaf]) for leaf in ("kernel", "bias")}
+        for name in _PROJECTIONS
+    }
+    query_kernel, key_kernel = shapes["query"]["kernel"], shapes["key"]["kernel"]
+    if len(query_kernel) != 3:
+        raise ValueError(
+            f"params['query']['kernel'] must have shape [C, h, d], got {query_kernel}"
+        )
+    width, num_heads, head_dim = query_kernel
+    if len(key_kernel) not in (2, 3):
+        raise ValueError(
+            "params['key']['kernel'] must have shape [C_kv, d] (multi-query) or "
+            f"[C_kv, h, d] (multi-head), got {key_kernel}"
+        )
+    if multi_query is True and len(key_kernel) == 3:
+        raise ValueError(
+            f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, h, d]: these "
+            "are multi-head parameters, use multi_head_attention"
+        )
+    if multi_query is False and len(key_kernel) == 2:
+        raise ValueError(
+            f"params['key']['kernel'] has shape {key_kernel}, i.e. [C_kv, d]: these "
+            "are multi-query parameters, use multi_query_attention"
+        )
+    kv_width = key_kernel[0]
+    # (d,) or (h, d)
+    kv_heads = (head_dim,) if len(key_kernel) == 2 else (num_heads, head_dim)
+    expected = {
+        "query": {
+            "kernel": (width, num_heads, head_dim),
+            "bias": (num_heads, head_dim),
+        },
+        "key": {"kernel": (kv_width,) + kv_heads, "bias": kv_heads},
+        "value": {"kernel": (kv_width,) + kv_heads, "bias": kv_heads},
+        "out": {"kernel": (num_heads, head_dim, width), "bias": (width,)},
+    }
+    for name in _PROJECTIONS:
+        for leaf in ("kernel", "bias"):
+            if shapes[name][leaf] != expected[name][leaf]:
+                raise ValueError(
+                    f"params[{name!r}][{leaf!r}] has shape {shapes[name][leaf]}, "
+                    f"expected {expected[name][leaf]} (width C={width}, num_heads "
+                    f"h={num_heads}, head_dim d={head_dim}, kv width C_kv={kv_width})"
+                )
+    for name, shape, what, want in (
+        ("x", x_shape, "the query kernel's input width C", width),
+        ("y", y_shape, "the key kernel's input width C_kv", kv_width),
+    ):
+        if len(shape) < 2:
+            raise ValueError(
+                f"{name} must have rank >= 2 [..., N, C], got shape {tuple(shape)}"
+            )
+        if shape[-1] != want:
+            raise ValueError(
+                f"{name} has width {shape[-1]} (shape {tuple(shape)}) but {what} is "
+                f"{want}"
+            )
+    if tuple(x_shape[:-2]) != tuple(y_shape[:-2]):
+        raise ValueError(
+            f"leading dims of x {tuple(x_shape[:-2])} and y {tuple(y_shape[:-2])} must "
+            f"match (x shape {tuple(x_shape)}, y shape {tuple(y_shape)})"
+        )
+    if y_shape[-2] < 1:
+        raise ValueError(
+            f"y must have at least one token to attend to, got shape {tuple(y_shape)}"
+        )
+    return num_heads, head_dim

@@ -10,86 +10,174 @@ import numpy as np
 from ..config import GeneratorConfig, StageSpec
 from .attention import init_attention_params, truncated_normal
 from .blocking import block, unblock
-from .cross_attention import cross_attention, init_latent_params, latent_tokens
-from .layers import (dense, init_dense, init_mlp_block, init_norm, init_stage_transition, init_to_rgb,
-                                     mlp_block, normalize, rgb_skip, stage_transition, to_rgb)
-from .multi_axis import (axial_attention, dilated_attention, full_attention, multi_axis_attention,
-                                         regional_attention)
+from hitlib.reference.cross_attention import (
+    cross_attention,
+    init_latent_params,
+    latent_tokens,
+)
+from hitlib.reference.layers import (
+    dense,
+    init_dense,
+    init_mlp_block,
+    init_norm,
+    init_stage_transition,
+    init_to_rgb,
+    mlp_block,
+    normalize,
+    rgb_skip,
+    stage_transition,
+    to_rgb,
+)
+from hitlib.reference.multi_axis import (
+    axial_attention,
+    dilated_attention,
+    full_attention,
+    multi_axis_attention,
+    regional_attention,
+)
 
 # %% ../../notebooks/07a_generator_numpy.ipynb #f5327bb1
-def init_attention_block(rng, width: int, num_heads: int, kv_width: int, norm: str, multi_query: bool = True,
-                         mlp_ratio: int = 4, bias_std: float = 0.0, random_norm: bool = False):
-    "An attention block {norm [C], attention (chapter 2 layout, keys/values of width kv_width), mlp (chapter 5)}."
-    return {"norm": init_norm(rng, width, norm, random=random_norm),
-            "attention": init_attention_params(rng, width, num_heads, kv_width=kv_width, multi_query=multi_query,
-                                               bias_std=bias_std),
-            "mlp": init_mlp_block(rng, width, norm, random_norm=random_norm, bias_std=bias_std, mlp_ratio=mlp_ratio)}
+def init_attention_block(
+    rng,
+    width: int,
+    num_heads: int,
+    kv_width: int,
+    norm: str,
+    multi_query: bool = True,
+    mlp_ratio: int = 4,
+    bias_std: float = 0.0,
+    random_norm: bool = False,
+):
+    """An attention block {norm [C], attention (chapter 2 layout, keys/values of width
+    kv_width), mlp (chapter 5)}."""
+    return {
+        "norm": init_norm(rng, width, norm, random=random_norm),
+        "attention": init_attention_params(
+            rng,
+            width,
+            num_heads,
+            kv_width=kv_width,
+            multi_query=multi_query,
+            bias_std=bias_std,
+        ),
+        "mlp": init_mlp_block(
+            rng,
+            width,
+            norm,
+            random_norm=random_norm,
+            bias_std=bias_std,
+            mlp_ratio=mlp_ratio,
+        ),
+    }
 
 
-def init_stage(rng, spec: StageSpec, config: GeneratorConfig, bias_std: float = 0.0, random_norm: bool = False):
+def init_stage(
+    rng,
+    spec: StageSpec,
+    config: GeneratorConfig,
+    bias_std: float = 0.0,
+    random_norm: bool = False,
+):
     "The parameters of one stage (see the tree above)."
     width, kv_width, norm = spec.width, config.widths[0], config.norm
-    attention_block = dict(norm=norm, multi_query=config.multi_query, mlp_ratio=config.mlp_ratio, bias_std=bias_std,
-                           random_norm=random_norm)
+    attention_block = dict(
+        norm=norm,
+        multi_query=config.multi_query,
+        mlp_ratio=config.mlp_ratio,
+        bias_std=bias_std,
+        random_norm=random_norm,
+    )
     size = spec.resolution
     params = {"pos": truncated_normal(rng, (size, size, width))}  # P_l [H, W, C]
     if config.cross_attention:
-        params["cross"] = init_attention_block(rng, width, spec.num_heads, kv_width,
-                                               **attention_block)
+        params["cross"] = init_attention_block(
+            rng, width, spec.num_heads, kv_width, **attention_block
+        )
     if spec.is_low_resolution:
-        params["blocks"] = [init_attention_block(rng, width, spec.num_heads, width, **attention_block)
-                            for _ in range(spec.num_layers)]
+        params["blocks"] = [
+            init_attention_block(rng, width, spec.num_heads, width, **attention_block)
+            for _ in range(spec.num_layers)
+        ]
     else:
-        params["blocks"] = [init_mlp_block(rng, width, norm, random_norm=random_norm, bias_std=bias_std,
-                                           mlp_ratio=config.mlp_ratio) for _ in range(spec.num_layers)]
-        params["to_rgb"] = init_to_rgb(rng, width, norm, random_norm=random_norm, bias_std=bias_std)
+        params["blocks"] = [
+            init_mlp_block(
+                rng,
+                width,
+                norm,
+                random_norm=random_norm,
+                bias_std=bias_std,
+                mlp_ratio=config.mlp_ratio,
+            )
+            for _ in range(spec.num_layers)
+        ]
+        params["to_rgb"] = init_to_rgb(
+            rng, width, norm, random_norm=random_norm, bias_std=bias_std
+        )
     if spec.needs_transition_dense:
-        params["transition"] = init_stage_transition(rng, width, spec.next_width, bias_std=bias_std)
+        params["transition"] = init_stage_transition(
+            rng, width, spec.next_width, bias_std=bias_std
+        )
     return params
 
 
-def init_generator_params(config: GeneratorConfig, rng, bias_std: float = 0.0, random_norm: bool = False):
+def init_generator_params(
+    config: GeneratorConfig, rng, bias_std: float = 0.0, random_norm: bool = False
+):
     """All of the generator's parameters (float32 NumPy arrays); `rng` a
     `np.random.Generator`. Without cross-attention there is no latent embedding
     (`"latent"`): only cross-attention reads Z."""
     c0 = config.widths[0]
     latent = None
     if config.cross_attention:
-        latent = init_latent_params(rng, config.latent_dim, c0,
-                                    grid_size=config.latent_grid, bias_std=bias_std)
+        latent = init_latent_params(
+            rng, config.latent_dim, c0, grid_size=config.latent_grid, bias_std=bias_std
+        )
         latent["norm"] = init_norm(rng, c0, config.norm, random=random_norm)
     initial = init_dense(rng, config.latent_dim, 8 * 8 * c0, bias_std=bias_std)
     params = {"initial": initial}
     if latent is not None:
         params["latent"] = latent
-    params["stages"] = [init_stage(rng, spec, config, bias_std, random_norm)
-                        for spec in config.stages]
+    params["stages"] = [
+        init_stage(rng, spec, config, bias_std, random_norm) for spec in config.stages
+    ]
     return params
 
 
 def count_parameters(params) -> int:
-    "Trainable parameters of a tree: every leaf but batch norm's running `mean` and `var`."
+    """Trainable parameters of a tree: every leaf but batch norm's running `mean` and
+    `var`."""
+
     def count(tree, key=None):
         if isinstance(tree, dict):
             return sum(count(value, k) for k, value in tree.items())
         if isinstance(tree, list):
             return sum(count(value) for value in tree)
         return 0 if key in ("mean", "var") else int(np.size(tree))
+
     return count(params)
 
 # %% ../../notebooks/07a_generator_numpy.ipynb #caa6ddc3
-def latent_embedding(z, params, config: GeneratorConfig, use_running_average: bool = False):
-    "Z of Algorithm 1: z [B, D] -> Norm(Reshape(Linear(z)) + P_Z) [B, L, C0], L = latent_grid² (16)."
+def latent_embedding(
+    z, params, config: GeneratorConfig, use_running_average: bool = False
+):
+    """Z of Algorithm 1: z [B, D] -> Norm(Reshape(Linear(z)) + P_Z) [B, L, C0],
+    L = latent_grid² (16)."""
     tokens = latent_tokens(z, params, grid_size=config.latent_grid)  # [B, L, C0]
-    return normalize(tokens, params["norm"], config.norm, use_running_average=use_running_average)
+    return normalize(
+        tokens, params["norm"], config.norm, use_running_average=use_running_average
+    )
 
 
 def self_attention(x, params, kind: str, block_size: int, layer: int = 0):
-    """Self-attention of a low-resolution stage on its map x [B, H, W, C] -> [B, H, W, C].
+    """Self-attention of a low-resolution stage on its map:
+    x [B, H, W, C] -> [B, H, W, C].
 
-    multi_axis: Algorithm 2 on the blocked map (first half of the heads regional, second half dilated);
-    blocked_local: every head regional; interleaved: every head regional in even layers, dilated in odd ones;
-    axial: half the heads along rows, half along columns; full: every token to every token.
+    multi_axis: Algorithm 2 on the blocked map (first half of the heads regional,
+        second half dilated);
+    blocked_local: every head regional; interleaved: every head regional in even
+        layers, dilated in odd ones;
+    axial: half the heads along rows, half along columns; full: every token to every
+        token.
     """
     _, height, width, _ = x.shape
     if kind == "full":
@@ -108,23 +196,40 @@ def self_attention(x, params, kind: str, block_size: int, layer: int = 0):
     return unblock(attend(blocks, params), height, width)  # [B, H, W, C]
 
 
-def cross_attention_block(x, latent, params, norm: str, use_running_average: bool = False):
-    "x [B, H, W, C] attends to latent [B, L, C0]: x + CrossAttention(norm(x), Z), then the MLP block."
+def cross_attention_block(
+    x, latent, params, norm: str, use_running_average: bool = False
+):
+    """x [B, H, W, C] attends to latent [B, L, C0]: x + CrossAttention(norm(x), Z), then
+    the MLP block."""
     y = normalize(x, params["norm"], norm, use_running_average=use_running_average)
     x = x + cross_attention(y, latent, params["attention"])
     return mlp_block(x, params["mlp"], norm, use_running_average=use_running_average)
 
 
-def self_attention_block(x, params, norm: str, kind: str, block_size: int, layer: int = 0,
-                         use_running_average: bool = False):
+def self_attention_block(
+    x,
+    params,
+    norm: str,
+    kind: str,
+    block_size: int,
+    layer: int = 0,
+    use_running_average: bool = False,
+):
     "x [B, H, W, C]: x + SelfAttention(norm(x)), then the MLP block."
     y = normalize(x, params["norm"], norm, use_running_average=use_running_average)
     x = x + self_attention(y, params["attention"], kind, block_size, layer)
     return mlp_block(x, params["mlp"], norm, use_running_average=use_running_average)
 
 # %% ../../notebooks/07a_generator_numpy.ipynb #f14e84dc
-def generator_stage(x, latent, image, params, spec: StageSpec, config: GeneratorConfig,
-                    use_running_average: bool = False):
+def generator_stage(
+    x,
+    latent,
+    image,
+    params,
+    spec: StageSpec,
+    config: GeneratorConfig,
+    use_running_average: bool = False,
+):
     """One stage of Algorithm 1: x [B, H, W, C], latent Z [B, L, C0] (None without
     cross-attention), image [B, H/2, W/2, 3] or None -> (x for the next stage
     [B, 2H, 2W, C_next] (the last stage returns its own map), image [B, H, W, 3] or
@@ -135,30 +240,43 @@ def generator_stage(x, latent, image, params, spec: StageSpec, config: Generator
         x = cross_attention_block(x, latent, params["cross"], norm, running)
     for layer, block_params in enumerate(params["blocks"]):
         if spec.is_low_resolution:
-            x = self_attention_block(x, block_params, norm, spec.attention, spec.block_size, layer, running)
+            x = self_attention_block(
+                x, block_params, norm, spec.attention, spec.block_size, layer, running
+            )
         else:
-            x = mlp_block(x, block_params, norm, use_running_average=running)  # the implicit neural function
+            # the implicit neural function
+            x = mlp_block(x, block_params, norm, use_running_average=running)
     if not spec.is_low_resolution:
-        image = rgb_skip(image, to_rgb(x, params["to_rgb"], norm, use_running_average=running))  # [B, H, W, 3]
+        # [B, H, W, 3]
+        image = rgb_skip(
+            image, to_rgb(x, params["to_rgb"], norm, use_running_average=running)
+        )
     if spec.next_width is not None:
-        x = stage_transition(x, params.get("transition"))  # Linear(PixelShuffle(X)) [B, 2H, 2W, C_next]
+        # Linear(PixelShuffle(X)) [B, 2H, 2W, C_next]
+        x = stage_transition(x, params.get("transition"))
     return x, image
 
 
 def generator(params, z, config: GeneratorConfig, use_running_average: bool = False):
-    """The HiT generator (Algorithm 1): z [B, D] -> images [B, R, R, 3] (R = config.resolution; no tanh).
+    """The HiT generator (Algorithm 1): z [B, D] -> images [B, R, R, 3]
+    (R = config.resolution; no tanh).
 
-    use_running_average: batch norms use their running statistics (inference) instead of the batch's (training).
-    """
+    use_running_average: batch norms use their running statistics (inference) instead
+    of the batch's (training)."""
     if z.ndim != 2 or z.shape[1] != config.latent_dim:
-        raise ValueError(f"z must have shape [B, latent_dim={config.latent_dim}], got {z.shape}")
+        raise ValueError(
+            f"z must have shape [B, latent_dim={config.latent_dim}], got {z.shape}"
+        )
     batch = z.shape[0]
-    x = dense(z, params["initial"]).reshape(batch, 8, 8, config.widths[0])  # [B, 8, 8, C0]
+    # [B, 8, 8, C0]
+    x = dense(z, params["initial"]).reshape(batch, 8, 8, config.widths[0])
     latent = None  # without cross-attention z enters by the initial map alone (Table 5)
     if config.cross_attention:
         # [B, L, C0]
         latent = latent_embedding(z, params["latent"], config, use_running_average)
     image = None
     for spec, stage_params in zip(config.stages, params["stages"]):
-        x, image = generator_stage(x, latent, image, stage_params, spec, config, use_running_average)
+        x, image = generator_stage(
+            x, latent, image, stage_params, spec, config, use_running_average
+        )
     return image
