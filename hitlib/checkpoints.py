@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['CONFIG_FILE', 'CHECKPOINT_DIR', 'DIGEST_DIR', 'SET_ASIDE_DIR', 'write_atomically', 'load_config', 'check_workdir',
-           'write_config', 'prepare_workdir', 'state_digest', 'abstract_state', 'DamagedCheckpointsError',
+           'write_config', 'prepare_workdir', 'leaf_path', 'state_digest', 'abstract_state', 'DamagedCheckpointsError',
            'CheckpointStore']
 
 # %% ../notebooks/11e_checkpoints.ipynb #k002
@@ -141,7 +141,8 @@ def prepare_workdir(config: TrainConfig, workdir, reconfigure: bool = False):
     return write_config(config, check_workdir(config, workdir, reconfigure))
 
 # %% ../notebooks/11e_checkpoints.ipynb #k010
-def _path_key(path) -> str:
+def leaf_path(path) -> str:
+    "A pytree path as text: 'g_params/stages/0/...'."
     names = (
         getattr(key, "name", getattr(key, "key", getattr(key, "idx", key)))
         for key in path
@@ -154,7 +155,7 @@ def state_digest(state) -> str:
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(local_copy(state))[0]:
         array = np.asarray(leaf)
-        described = f"{_path_key(path)}|{array.dtype.str}|{array.shape}"
+        described = f"{leaf_path(path)}|{array.dtype.str}|{array.shape}"
         digest.update(described.encode() + b"\0")
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
@@ -222,7 +223,8 @@ class CheckpointStore:
         every: Optional[int] = None,
         read_only: bool = False,
     ):
-        self.workdir = epath.Path(workdir)
+        # Orbax restores only from absolute paths (gs://... is absolute already)
+        self.workdir = epath.Path(workdir).absolute()
         self.directory = self.workdir / CHECKPOINT_DIR
         self.digests = self.workdir / DIGEST_DIR
         self.read_only = read_only

@@ -105,3 +105,13 @@ def test_a_reader_writes_nothing_and_cannot_save(tmp_path, state):
         reader.save(at_step(state, 3))
     reader.close()
     assert files(tmp_path) == before
+
+
+def test_a_relative_workdir_restores(tmp_path, state, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # `hitlib eval --workdir runs/tiny`, as the README says
+    store = checkpoints.CheckpointStore("runs/tiny", keep=2)
+    store.save(at_step(state, 3))
+    store.close()
+    reader = checkpoints.CheckpointStore("runs/tiny", read_only=True)
+    restored = reader.restore_latest(jax.eval_shape(lambda: state))
+    assert int(restored.step) == 3

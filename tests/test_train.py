@@ -296,3 +296,22 @@ def test_data_parallel_on_four_devices_matches_one_device(tmp_path, reference_ru
               for state in (single_state, restored)]
     np.testing.assert_allclose(images[0], images[1], rtol=0, atol=1e-6)  # values up to ~0.1
     assert [record["step"] for record in train.read_metrics(tmp_path / "run")] == [4, 8, 12]
+
+
+def test_an_exported_generator_loads_as_the_run_and_damage_is_caught(tmp_path, reference_run):
+    workdir, _ = reference_run
+    folder = train.export_generator(workdir, tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "generator.npz",
+                                                         "generator.npz.sha256"]
+    run, exported = train.load_run(workdir), train.load_run(folder)
+    assert (exported.config, exported.step) == (run.config, run.step)
+    z = train.fixed_latents(run.config)
+    np.testing.assert_array_equal(sampling.generate(exported.generator, z),
+                                  sampling.generate(run.generator, z))  # bit for bit
+    with pytest.raises(ValueError, match="holds the generator of step"):
+        train.load_run(folder, step=run.step - 4)
+    blob = bytearray((folder / "generator.npz").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (folder / "generator.npz").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        train.load_run(folder)

@@ -1,0 +1,237 @@
+"""The paper's ablations (Tables 5-8) retrained in miniature on the embedded digits.
+
+Every variant is the `tiny` recipe (32×32, chapter 11d) with the generator switches of
+chapter 6, trained for `--steps` steps from several seeds with `hitlib.train.train`,
+then scored by the Fréchet Digit Distance (FDD, chapter 11b) of 5,000 samples of its
+EMA generator. Results go to `experiments/results/ablations.json`, rewritten after each
+finished cell; a cell already there is skipped, so the grid resumes where it stopped
+(kill it at any moment, run it again).
+
+    python experiments/ablations.py                   # the whole grid
+    python experiments/ablations.py --curve           # the default run's FDD by step
+    python experiments/ablations.py --only inr bcr    # some variants
+
+Each run's workdir lives under `experiments/runs/` (not committed) and its checkpoints
+are deleted once the run is scored; the JSON keeps what the chapter needs.
+"""
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hitlib import config as generator_config
+from hitlib import checkpoints, digit_features, recipes, sampling, train
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+RUNS = ROOT / "runs"
+EVAL_SAMPLES = 5000  # the size of the embedded set, as `hitlib eval --metric fdd`
+EVAL_SEED = 1  # `hitlib eval`'s default latents
+
+# name -> (paper table, the row or column it stands for, generator overrides of tiny,
+# training overrides). At 32×32 `tiny` has two attention stages (8 and 16 px) and one
+# MLP stage (32 px); its blocks of 4×4 are the balanced ones, so the unbalanced
+# blocking is 2×2 (64 blocks of 4 tokens at 16 px).
+VARIANTS = {
+    "default": ("5-8", "multi-axis, balanced; BatchNorm; multi-query", [], []),
+    "inr": (
+        "5",
+        "latent-code conditioned INR decoder",
+        ["cross_attention=false", "attention_stages=0"],
+        [],
+    ),
+    "cross_only": (
+        "5, 6",
+        "+ cross-attention (Table 6's [0, 3])",
+        ["attention_stages=0"],
+        [],
+    ),
+    "full": ("5", "+ full attention", ["attention=full"], []),
+    "axial": ("5", "+ axial attention", ["attention=axial"], []),
+    "blocked_local": (
+        "5",
+        "+ blocked local attention",
+        ["attention=blocked_local"],
+        [],
+    ),
+    "interleaved": ("5", "+ interleaved multi-axis", ["attention=interleaved"], []),
+    "unbalanced": ("5", "+ multi-axis, unbalanced", ["block_sizes=2"], []),
+    "stages_1": ("6", "[1, 2]: attention at 8 px only", ["attention_stages=1"], []),
+    "bcr": ("7", "+ bCR", [], ["bcr_weight=10"]),
+    "layernorm": ("8", "LayerNorm", ["norm=layer"], []),
+    "multi_head": ("8", "multi-head attention", ["multi_query=false"], []),
+}
+
+
+def config_of(name: str, seed: int, steps: int, keep: int = 1):
+    _, _, generator, training = VARIANTS[name]
+    return recipes.train_config(
+        "tiny",
+        [
+            *generator,
+            *training,
+            f"seed={seed}",
+            f"steps={steps}",
+            f"checkpoint_every={steps if keep == 1 else steps // keep}",
+            f"keep_checkpoints={keep}",
+            f"sample_every={steps}",
+            f"log_every={min(25, steps)}",
+        ],
+    )
+
+
+def fdd_of(workdir, step=None) -> float:
+    run = train.load_run(workdir, step)
+    latent_dim = run.config.generator_config.latent_dim
+    z = sampling.sample_latents(EVAL_SEED, np.arange(EVAL_SAMPLES), latent_dim)
+    return digit_features.fdd_to_reference(sampling.generate(run.generator, z))
+
+
+def steps_per_second(workdir) -> float:
+    "Median steps/s of the logged intervals after the first (which holds the compile)."
+    rates = [record["steps_per_second"] for record in train.read_metrics(workdir)][1:]
+    return float(np.median(rates)) if rates else math.nan
+
+
+def write_json(path: Path, value) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def load(path: Path, steps: int) -> dict:
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved["steps"] != steps:
+            raise SystemExit(
+                f"{path} holds a grid of {saved['steps']} steps, not {steps}: "
+                "move it away to start another"
+            )
+        return saved
+    return {
+        "steps": steps,
+        "eval_samples": EVAL_SAMPLES,
+        "eval_seed": EVAL_SEED,
+        "machine": f"{platform.processor() or platform.machine()}, CPU",
+        "variants": {
+            name: {
+                "table": table,
+                "row": row,
+                "generator": generator,
+                "training": training,
+            }
+            for name, (table, row, generator, training) in VARIANTS.items()
+        },
+        "runs": {},
+    }
+
+
+def run_cell(name: str, seed: int, steps: int) -> dict:
+    config = config_of(name, seed, steps)
+    workdir = RUNS / f"{name}-seed{seed}"
+    shutil.rmtree(workdir, ignore_errors=True)  # an unfinished cell starts again
+    start = time.perf_counter()
+    train.train(config, workdir, progress=False)
+    seconds = time.perf_counter() - start
+    record = {
+        "variant": name,
+        "seed": seed,
+        "steps": steps,
+        "parameters": generator_config.parameter_counts(config.generator_config)[
+            "total"
+        ],
+        "train_seconds": round(seconds, 1),
+        "steps_per_second": round(steps_per_second(workdir), 3),
+        "final_losses": {
+            key: round(value, 4)
+            for key, value in train.read_metrics(workdir)[-1].items()
+            if key in ("d_loss", "g_loss", "r1", "bcr")
+        },
+        "fdd": round(fdd_of(workdir), 3),
+    }
+    shutil.rmtree(workdir / "checkpoints")  # a few MB each; the figures are kept
+    return record
+
+
+def grid(args) -> None:
+    path = RESULTS / "ablations.json"
+    results = load(path, args.steps)
+    names = args.only or list(VARIANTS)
+    for seed in args.seeds:  # every variant once before any gets a second seed
+        for name in names:
+            key = f"{name}/seed{seed}"
+            if key in results["runs"]:
+                continue
+            results["runs"][key] = run_cell(name, seed, args.steps)
+            write_json(path, results)
+            print(json.dumps(results["runs"][key]), flush=True)
+
+
+def curve(args) -> None:
+    "The default run's FDD at every tenth of its steps: how many steps the grid needs."
+    path = RESULTS / "learning_curve.json"
+    config = config_of("default", 0, args.curve_steps, keep=10)
+    workdir = RUNS / "curve"
+    start = time.perf_counter()
+    train.train(config, workdir, progress=False)
+    seconds = time.perf_counter() - start
+    networks, state = train.create_train_state(config)  # step 0: the untrained EMA
+    untrained = networks.generator(state.ema_params, state.g_batch_stats)
+    z = sampling.sample_latents(
+        EVAL_SEED, np.arange(EVAL_SAMPLES), config.generator_config.latent_dim
+    )
+    points = [
+        {
+            "step": 0,
+            "fdd": round(
+                digit_features.fdd_to_reference(sampling.generate(untrained, z)), 3
+            ),
+        }
+    ]
+    points += [
+        {"step": step, "fdd": round(fdd_of(workdir, step), 3)}
+        for step in checkpoints.CheckpointStore(workdir, read_only=True).steps()
+    ]
+    write_json(
+        path,
+        {
+            "variant": "default",
+            "seed": 0,
+            "steps": args.curve_steps,
+            "train_seconds": round(seconds, 1),
+            "steps_per_second": round(steps_per_second(workdir), 3),
+            "eval_samples": EVAL_SAMPLES,
+            "points": points,
+        },
+    )
+    print(json.dumps(points))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=600, help="steps per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None)
+    parser.add_argument(
+        "--curve",
+        action="store_true",
+        help="measure the default run's learning curve instead",
+    )
+    parser.add_argument("--curve-steps", type=int, default=2000)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.curve_steps < 10 or min(args.seeds) < 0:
+        parser.error("--steps and --curve-steps must be positive, seeds non-negative")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    curve(args) if args.curve else grid(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
