@@ -17,7 +17,6 @@ are deleted once the run is scored; the JSON keeps what the chapter needs.
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 
 from hitlib import config as generator_config
 from hitlib import checkpoints, digit_features, recipes, sampling, train
+from hitlib.checkpoints import write_atomically
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -94,16 +94,11 @@ def fdd_of(workdir, step=None) -> float:
     return digit_features.fdd_to_reference(sampling.generate(run.generator, z))
 
 
-def steps_per_second(workdir) -> float:
+def steps_per_second(workdir):
     "Median steps/s of the logged intervals after the first (which holds the compile)."
     rates = [record["steps_per_second"] for record in train.read_metrics(workdir)][1:]
-    return float(np.median(rates)) if rates else math.nan
-
-
-def write_json(path: Path, value) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    temporary.replace(path)
+    # None (JSON null), not NaN, when a run is too short to log twice
+    return round(float(np.median(rates)), 3) if rates else None
 
 
 def load(path: Path, steps: int) -> dict:
@@ -148,7 +143,7 @@ def run_cell(name: str, seed: int, steps: int) -> dict:
             "total"
         ],
         "train_seconds": round(seconds, 1),
-        "steps_per_second": round(steps_per_second(workdir), 3),
+        "steps_per_second": steps_per_second(workdir),
         "final_losses": {
             key: round(value, 4)
             for key, value in train.read_metrics(workdir)[-1].items()
@@ -170,7 +165,7 @@ def grid(args) -> None:
             if key in results["runs"]:
                 continue
             results["runs"][key] = run_cell(name, seed, args.steps)
-            write_json(path, results)
+            write_atomically(path, json.dumps(results, indent=2) + "\n")
             print(json.dumps(results["runs"][key]), flush=True)
 
 
@@ -199,18 +194,16 @@ def curve(args) -> None:
         {"step": step, "fdd": round(fdd_of(workdir, step), 3)}
         for step in checkpoints.CheckpointStore(workdir, read_only=True).steps()
     ]
-    write_json(
-        path,
-        {
-            "variant": "default",
-            "seed": 0,
-            "steps": args.curve_steps,
-            "train_seconds": round(seconds, 1),
-            "steps_per_second": round(steps_per_second(workdir), 3),
-            "eval_samples": EVAL_SAMPLES,
-            "points": points,
-        },
-    )
+    record = {
+        "variant": "default",
+        "seed": 0,
+        "steps": args.curve_steps,
+        "train_seconds": round(seconds, 1),
+        "steps_per_second": steps_per_second(workdir),
+        "eval_samples": EVAL_SAMPLES,
+        "points": points,
+    }
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
     print(json.dumps(points))
 
 

@@ -6,7 +6,6 @@ __all__ = ['STATS_KEYS', 'METRICS', 'FeatureMoments', 'frechet_distance_low_rank
 
 # %% ../notebooks/12c_evaluate.ipynb #a0c12e03
 import hashlib
-from functools import partial
 from pathlib import Path
 
 import jax
