@@ -1,0 +1,154 @@
+"""Training-step speed on this machine, printed as JSON (speed is measured, not asserted).
+
+For each training configuration and batch size: the whole jitted step of `hitlib.train.make_train_step` and its
+parts, each jitted alone — the generator's forward pass (training mode) and its forward-and-backward pass, the
+discriminator's gradient on reals and fakes, the R1 term's gradient, the generator objective through the
+discriminator, the optimiser and EMA updates — with compile time, seconds per call (median), XLA's FLOP count and
+the share of this machine's float32 matmul rate, measured in the same run.
+
+    python benchmarks/train_step_speed.py --quick            # tiny, batch 8 (a minute)
+    python benchmarks/train_step_speed.py                    # tiny and release-128 at batch 8 (about 10 minutes)
+    python benchmarks/train_step_speed.py --save NAME        # also write benchmarks/results/NAME.json
+
+To compare two commits side by side, run this file from one checkout with `PYTHONPATH` pointing at the other
+(`git worktree add /tmp/old <commit>; PYTHONPATH=/tmp/old python benchmarks/train_step_speed.py`): the script
+measures whichever `hitlib` it imports, and records its path.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import hitlib
+from hitlib import losses, recipes, train
+from hitlib.recipes import TrainConfig
+
+
+def median_seconds(fn, repeats):
+    "Median wall time of `fn()` (which blocks until its result is ready) over `repeats` calls."
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(size=2048, repeats=10):
+    "This machine's float32 matmul rate: a jitted size³ matmul, 2·size³ FLOPs."
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    return 2 * size**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+
+
+def measure(fn, args, repeats, peak, jitted=None):
+    "Compile time, seconds per call, XLA's FLOPs and the share of the matmul rate of `fn(*args)`."
+    jitted = jax.jit(fn) if jitted is None else jitted
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float((cost or {}).get("flops", 0.0))
+    jax.block_until_ready(compiled(*args))  # warm-up
+    seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats)
+    return {"compile_seconds": round(compile_seconds, 2), "seconds": round(seconds, 4),
+            "gflops": round(flops / 1e9, 2),
+            "fraction_of_matmul_rate": round(flops / seconds / peak, 3)}
+
+
+def training_config(name, batch):
+    """`tiny`: the recipe `hitlib train` runs by default; `release-128`: the release's ImageNet-128
+    generator with the paper's discriminator, R1 γ = 10, both Adam (the issue's measurement)."""
+    if name == "tiny":
+        return recipes.train_config("tiny", batch_size=batch)
+    return TrainConfig(generator=name, batch_size=batch, r1_gamma=10.0)
+
+
+def step_parts(name, batch, repeats, peak):
+    "Every part of one training step of configuration `name` at `batch`, and the whole step."
+    config = training_config(name, batch)
+    networks, state = train.create_train_state(config)
+    size = networks.resolution
+    real = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1.0, maxval=1.0)
+    z = jax.random.normal(jax.random.key(0), (batch, networks.latent_dim))
+
+    def generate(g_params, z):
+        return networks.generator(g_params, state.g_batch_stats)(z, train=True)
+
+    fake = jax.jit(lambda p, z: generate(p, z))(state.g_params, z)  # its own compilation
+
+    def d_adversarial(d_params, real, fake):
+        d = networks.discriminator(d_params)
+        return losses.discriminator_loss(d(real), d(fake), config.loss)
+
+    def r1(d_params, real):
+        return losses.r1_penalty(networks.discriminator(d_params), real, config.r1_gamma)
+
+    def g_objective(images, d_params):
+        return losses.generator_loss(networks.discriminator(d_params)(images), config.loss)
+
+    def updates(state, g_grads, d_grads):
+        g_step, _ = networks.g_tx.update(g_grads, state.g_opt_state, state.g_params)
+        d_step, _ = networks.d_tx.update(d_grads, state.d_opt_state, state.d_params)
+        g_params = optax.apply_updates(state.g_params, g_step)
+        ema = train.ema_update(state.ema_params, g_params, state.step + 1, config.ema_decay,
+                               config.ema_start)
+        return g_params, optax.apply_updates(state.d_params, d_step), ema
+
+    parts = {
+        "generator_forward": (generate, (state.g_params, z)),
+        "generator_forward_backward": (
+            jax.grad(lambda p, z: jnp.sum(generate(p, z) ** 2)), (state.g_params, z)),
+        "discriminator_real_and_fake": (jax.grad(d_adversarial), (state.d_params, real, fake)),
+        "r1_penalty": (jax.grad(r1), (state.d_params, real)),
+        "generator_objective_through_d": (jax.grad(g_objective), (fake, state.d_params)),
+        "optimiser_and_ema": (updates, (state, state.g_params, state.d_params)),
+    }
+    result = {"config": name, "resolution": size, "batch": batch, "parts": {}}
+    for part, (fn, args) in parts.items():
+        result["parts"][part] = measure(fn, args, repeats, peak)
+        print(json.dumps({name: batch, part: result["parts"][part]}), flush=True)
+    step = train.make_train_step(config, networks, donate=False)
+    result["step"] = measure(None, (state, real), max(1, repeats - 1), peak, jitted=step)
+    print(json.dumps({name: batch, "step": result["step"]}), flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny, batch 8 only")
+    parser.add_argument("--configs", nargs="+", default=["tiny", "release-128"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--save", metavar="NAME", help="write benchmarks/results/NAME.json")
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    peak = matmul_flops_per_second()
+    configs = ["tiny"] if args.quick else args.configs
+    batches = [8] if args.quick else args.batches
+    runs = [step_parts(config, batch, args.repeats, peak) for config in configs for batch in batches]
+    result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
+              "hitlib": str(Path(hitlib.__file__).resolve().parent),
+              "cpu_count": os.cpu_count(), "platform": platform.processor() or platform.machine(),
+              "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+              "load_average_before": [round(x, 2) for x in load_before],
+              "matmul_gflops_per_second": round(peak / 1e9, 1), "runs": runs}
+    print(json.dumps(result, indent=2))
+    if args.save:
+        path = Path(__file__).resolve().parent / "results" / f"{args.save}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
