@@ -4,7 +4,7 @@
 __all__ = ['METRICS', 'EMBEDDED_DATASET', 'EVALUATORS', 'format_summary', 'command_summary', 'command_prepare', 'command_train',
            'command_sample', 'interpolate_latents', 'command_interpolate', 'dataset_name', 'default_num_samples',
            'real_images_uint8', 'command_stats', 'evaluate_fdd', 'evaluate_inception', 'command_eval', 'build_parser',
-           'main']
+           'use_compilation_cache', 'main']
 
 # %% ../notebooks/13_command_line.ipynb #c002
 import argparse
@@ -766,6 +766,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_compilation_cache() -> str:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so a
+    resumed or repeated run does not compile its training step again. The folder:
+    `$JAX_COMPILATION_CACHE_DIR` if set, else `~/.cache/hitlib/jax`."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        jax.config.update(
+            "jax_compilation_cache_dir", os.path.join(cache, "hitlib", "jax")
+        )
+    return jax.config.jax_compilation_cache_dir
+
+
 def main(argv=None) -> int:
     """The `hitlib` command: returns the exit status (0 ok, 1 training stopped on a
     non-finite loss, 2 a usage error)."""
@@ -790,6 +804,8 @@ def main(argv=None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.command != "prepare":  # every other command compiles with JAX
+        use_compilation_cache()
     try:
         return args.handler(args)
     except FloatingPointError as error:

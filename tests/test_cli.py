@@ -4,6 +4,7 @@ eval (FDD, FID, IS, KID).
 FID, IS and KID run on a file of random Inception weights made here (`random_inception_v3`): no download; what is
 tested is the command's plumbing, the library's numbers are tested in test_metrics_evaluate.py."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,23 @@ def test_python_dash_m_help():
                             timeout=600)  # generous: only a hung process reaches it
     assert result.returncode == 0 and all(word in result.stdout
                                           for word in ("summary", "prepare", "train", "sample", "interpolate", "eval"))
+
+
+
+def test_a_second_run_finds_its_compiled_step_in_the_cache(tmp_path):
+    # `hitlib train` turns on JAX's persistent compilation cache: the first run writes the
+    # compiled programs, a second run of the same configuration writes nothing new (hits).
+    cache = tmp_path / "cache"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache))
+
+    def train_once(name):
+        subprocess.run([sys.executable, "-m", "hitlib", "train", "--workdir", str(tmp_path / name), "--steps", "1",
+                        "--quiet", *SMALL], cwd=ROOT, env=env, check=True, capture_output=True, timeout=1800)
+        return sorted(path.name for path in cache.iterdir())
+
+    first = train_once("first")
+    assert first, "the first run cached nothing"
+    assert train_once("second") == first
 
 
 # ---------------------------------------------------------------------------------- interpolate, FID / IS / KID

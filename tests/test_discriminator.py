@@ -303,3 +303,27 @@ def test_parameter_counts_without_allocating():
     # head conv 2,359,808, dense 4,194,816, out 513
     assert disc.parameter_count(DiscriminatorConfig(256, 2)) == 28_862_593
     assert disc.parameter_count(DiscriminatorConfig(128, 1)) == 23_880_833
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3])
+def test_tap_convolution_equals_xlas_in_values_and_gradients(kernel_size):
+    # conv2d takes the tap form on a CPU; both forms and both gradients must agree
+    rng = np.random.default_rng(kernel_size)
+    x = jnp.asarray(rng.standard_normal((2, 8, 6, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 5, 7)), jnp.float32)
+
+    def loss(conv):
+        return lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel)))
+
+    def close(a, b):  # float32 rounding, relative to the largest entry
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), np.max(np.abs(a - b))
+
+    close(disc.tap_conv2d(x, kernel), disc.xla_conv2d(x, kernel))
+    for got, want in zip(jax.grad(loss(disc.tap_conv2d), (0, 1))(x, kernel),
+                         jax.grad(loss(disc.xla_conv2d), (0, 1))(x, kernel)):
+        close(got, want)
+    # R1's double gradient (of the input gradient's norm, by the kernel)
+    def r1(conv):
+        return lambda kernel: jnp.sum(jax.grad(loss(conv))(x, kernel) ** 2)
+    close(jax.grad(r1(disc.tap_conv2d))(kernel), jax.grad(r1(disc.xla_conv2d))(kernel))
