@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -31,24 +30,8 @@ import hitlib
 from hitlib import losses, recipes, train
 from hitlib.recipes import TrainConfig
 
-
-def median_seconds(fn, repeats):
-    "Median wall time of `fn()` (which blocks until its result is ready) over `repeats` calls."
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_flops_per_second(size=2048, repeats=10):
-    "This machine's float32 matmul rate: a jitted size³ matmul, 2·size³ FLOPs."
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    return 2 * size**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
+# run as a script, this folder is on sys.path: one home for the two timing helpers
+from generator_speed import matmul_flops_per_second, median_seconds
 
 
 def measure(fn, args, repeats, peak, jitted=None):

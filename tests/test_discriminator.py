@@ -327,3 +327,16 @@ def test_tap_convolution_equals_xlas_in_values_and_gradients(kernel_size):
     def r1(conv):
         return lambda kernel: jnp.sum(jax.grad(loss(conv))(x, kernel) ** 2)
     close(jax.grad(r1(disc.tap_conv2d))(kernel), jax.grad(r1(disc.xla_conv2d))(kernel))
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3])
+def test_tap_convolution_matches_the_numpy_oracle(kernel_size):
+    # 64 input channels: the width from which conv2d takes the tap form on a CPU
+    rng = np.random.default_rng(10 + kernel_size)
+    x = rng.standard_normal((2, 6, 5, disc.TAP_MIN_CHANNELS)).astype(np.float32)
+    kernel = (rng.standard_normal((kernel_size, kernel_size, disc.TAP_MIN_CHANNELS, 3)) / 16).astype(np.float32)
+    bias = rng.standard_normal(3).astype(np.float32)
+    want = ref.conv2d(x, kernel, bias)
+    for got in (disc.tap_conv2d(jnp.asarray(x), jnp.asarray(kernel)) + bias,
+                disc.conv2d(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
