@@ -1,8 +1,6 @@
 """`python -m hitlib ...` is the `hitlib` command (hand-written: the command itself is
 exported from chapter 13)."""
 
-import sys
+from hitlib.cli import entry_point
 
-from hitlib.cli import main
-
-sys.exit(main())
+entry_point()

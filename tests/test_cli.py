@@ -5,6 +5,7 @@ FID, IS and KID run on a file of random Inception weights made here (`random_inc
 tested is the command's plumbing, the library's numbers are tested in test_metrics_evaluate.py."""
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,36 @@ def digits(tmp_path_factory):
     for index, image in enumerate(data.to_uint8(data.load_embedded(32)[:12])):
         Image.fromarray(image).save(folder / f"{index:02d}.png")
     return folder
+
+
+# A 64 MB request: mapped on its own (one more mmapped block) under glibc's defaults,
+# served from the heap once tune_allocator has run; left alone when MALLOC_* is set.
+MMAP_PROBE = """
+import ctypes, sys
+from hitlib.cli import tune_allocator
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+tuned = tune_allocator() if sys.argv[1] == "tune" else None
+before = libc.mallinfo2().hblks
+block = libc.malloc(64 << 20)
+print(tuned, libc.mallinfo2().hblks - before)
+libc.free(ctypes.c_void_p(block))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tune_allocator sets glibc's malloc")
+@pytest.mark.parametrize("setting, user_env, expected", [
+    ("tune", {}, "True 0"), ("leave", {}, "None 1"), ("tune", {"MALLOC_ARENA_MAX": "2"}, "False 1")])
+def test_tune_allocator_keeps_large_buffers_off_mmap(setting, user_env, expected):
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, setting], env=dict(env, **user_env),
+                         capture_output=True, text=True, check=True, timeout=600).stdout
+    assert out.split() == expected.split()
 
 
 def test_interpolate_writes_a_strip_and_the_latents(capsys, run_dir, tmp_path):
