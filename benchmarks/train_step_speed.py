@@ -9,12 +9,15 @@ the share of this machine's float32 matmul rate, measured in the same run.
     python benchmarks/train_step_speed.py --quick            # tiny, batch 8 (a minute)
     python benchmarks/train_step_speed.py                    # tiny and release-128 at batch 8 (about 10 minutes)
     python benchmarks/train_step_speed.py --save NAME        # also write benchmarks/results/NAME.json
+    python benchmarks/train_step_speed.py --lazy-r1          # also a step between lazy R1 steps (r1_every=16)
 
 To compare two commits side by side, run this file from one checkout with `PYTHONPATH` pointing at the other
 (`git worktree add /tmp/old <commit>; PYTHONPATH=/tmp/old python benchmarks/train_step_speed.py`): the script
-measures whichever `hitlib` it imports, and records its path.
+measures whichever `hitlib` it imports, and records its path. `--malloc tuned` (the default) sets glibc's
+malloc as the `hitlib` command does (`hitlib.cli.tune_allocator`); `--malloc glibc` leaves its defaults.
 """
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -27,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 import hitlib
-from hitlib import losses, recipes, train
+from hitlib import cli, losses, recipes, train
 from hitlib.recipes import TrainConfig
 
 # run as a script, this folder is on sys.path: one home for the two timing helpers
@@ -58,7 +61,7 @@ def training_config(name, batch):
     return TrainConfig(generator=name, batch_size=batch, r1_gamma=10.0)
 
 
-def step_parts(name, batch, repeats, peak):
+def step_parts(name, batch, repeats, peak, lazy_r1=False):
     "Every part of one training step of configuration `name` at `batch`, and the whole step."
     config = training_config(name, batch)
     networks, state = train.create_train_state(config)
@@ -105,6 +108,15 @@ def step_parts(name, batch, repeats, peak):
     step = train.make_train_step(config, networks, donate=False)
     result["step"] = measure(None, (state, real), max(1, repeats - 1), peak, jitted=step)
     print(json.dumps({name: batch, "step": result["step"]}), flush=True)
+    if lazy_r1:
+        # lazy R1 (r1_every=16, off by default): a step that skips R1 (15 of every 16)
+        lazy = dataclasses.replace(config, r1_every=16)
+        skipping = state.replace(step=jnp.asarray(1, jnp.int32))
+        step = train.make_train_step(lazy, networks, donate=False)
+        result["step_between_lazy_r1"] = measure(None, (skipping, real), max(1, repeats - 1), peak,
+                                                 jitted=step)
+        print(json.dumps({name: batch, "step_between_lazy_r1": result["step_between_lazy_r1"]}),
+              flush=True)
     return result
 
 
@@ -115,17 +127,23 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--save", metavar="NAME", help="write benchmarks/results/NAME.json")
+    parser.add_argument("--lazy-r1", action="store_true",
+                        help="also time a step between two R1 steps of r1_every=16 (an option, off by default)")
+    parser.add_argument("--malloc", choices=["tuned", "glibc"], default="tuned",
+                        help="malloc as the hitlib command sets it (default), or glibc's defaults")
     args = parser.parse_args()
+    if args.malloc == "tuned" and not cli.tune_allocator():
+        parser.error("--malloc tuned: this C library is not glibc, or MALLOC_* is set")
     load_before = os.getloadavg()
     peak = matmul_flops_per_second()
     configs = ["tiny"] if args.quick else args.configs
     batches = [8] if args.quick else args.batches
-    runs = [step_parts(config, batch, args.repeats, peak) for config in configs for batch in batches]
+    runs = [step_parts(config, batch, args.repeats, peak, args.lazy_r1) for config in configs for batch in batches]
     result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
               "hitlib": str(Path(hitlib.__file__).resolve().parent),
               "cpu_count": os.cpu_count(), "platform": platform.processor() or platform.machine(),
               "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
-              "load_average_before": [round(x, 2) for x in load_before],
+              "malloc": args.malloc, "load_average_before": [round(x, 2) for x in load_before],
               "matmul_gflops_per_second": round(peak / 1e9, 1), "runs": runs}
     print(json.dumps(result, indent=2))
     if args.save:

@@ -47,6 +47,7 @@ ADJUSTABLE_FIELDS = (
     "adam_b2",
     "loss",
     "r1_gamma",
+    "r1_every",
     "bcr_weight",
     "bcr_policy",
     "ema_decay",
@@ -103,6 +104,8 @@ class TrainConfig:
     folder of prepared shards; crop_fraction: the share of the stored side that
     training crops (1, or ImageNet's 0.875). The optimiser, losses and EMA default to
     the paper's values (section 4.2, appendix A.4, and the release's EMA).
+    r1_every: R1 on every step (1, the paper's), or on every k-th with weight
+    r1_gamma·k (StyleGAN2's lazy regularisation).
     d_channel_multiplier / d_max_channels: the discriminator's width (chapter 9);
     d_minibatch_std: the minibatch standard-deviation feature (off in the paper).
     flip: random horizontal flips of the real images (the paper's; off by default,
@@ -123,6 +126,7 @@ class TrainConfig:
     adam_b2: float = 0.99
     loss: str = "logistic"
     r1_gamma: float = 10.0
+    r1_every: int = 1
     bcr_weight: float = 0.0
     bcr_policy: str = DEFAULT_POLICY
     ema_decay: float = 0.999
@@ -167,6 +171,7 @@ class TrainConfig:
             "log_every",
             "num_samples",
             "eval_samples",
+            "r1_every",
         ):
             check_int(getattr(self, field), field)
         check_int(self.ema_start, "ema_start", 0)

@@ -184,16 +184,22 @@ def make_train_step(
         )  # BatchNorm: batch statistics, running ones updated
         return images, nnx.state(model, nnx.BatchStat)
 
-    def d_objective(d_params, real, fake, key_real, key_fake):
+    def d_objective(d_params, real, fake, key_real, key_fake, step):
         "L_D (equation 2) + R1 on the reals + bCR (off by default)."
         d = networks.discriminator(d_params)
         real_logits, fake_logits = d(real), d(fake)
         adversarial = losses.discriminator_loss(real_logits, fake_logits, config.loss)
-        r1 = (
-            losses.r1_penalty(d, real, config.r1_gamma)
-            if config.r1_gamma > 0
-            else jnp.zeros(())
-        )
+        every = config.r1_every
+        if config.r1_gamma == 0:
+            r1 = jnp.zeros(())
+        elif every == 1:
+            r1 = losses.r1_penalty(d, real, config.r1_gamma)
+        else:  # lazy R1: the other steps skip its double backward pass entirely
+            r1 = jax.lax.cond(
+                step % every == 0,
+                lambda: losses.r1_penalty(d, real, config.r1_gamma * every),
+                lambda: jnp.zeros(()),
+            )
         bcr = (
             losses.bcr_loss(
                 d,
@@ -231,7 +237,12 @@ def make_train_step(
 
         # Discriminator: no gradient reaches the generator.
         d_grads, d_metrics = jax.grad(d_objective, has_aux=True)(
-            state.d_params, real, jax.lax.stop_gradient(fake), key_real, key_fake
+            state.d_params,
+            real,
+            jax.lax.stop_gradient(fake),
+            key_real,
+            key_fake,
+            state.step,
         )
         d_updates, d_opt_state = networks.d_tx.update(
             d_grads, state.d_opt_state, state.d_params

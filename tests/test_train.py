@@ -315,3 +315,28 @@ def test_an_exported_generator_loads_as_the_run_and_damage_is_caught(tmp_path, r
     (folder / "generator.npz").write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="does not match its sha256"):
         train.load_run(folder)
+
+
+def test_lazy_r1_is_the_r1_term_times_k_on_every_kth_step_and_absent_between():
+    # r1_every=k: step s with s % k == 0 is the every-step update with weight γ·k, any other step the update
+    # without R1 (same random numbers: they come from the step number).
+    real = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3), minval=-1.0, maxval=1.0)
+
+    def one_step(step, **fields):
+        config = dataclasses.replace(SMALL, **fields)
+        networks, state = train.create_train_state(config)
+        state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+        new_state, metrics = train.make_train_step(config, networks, donate=False)(state, real)
+        return new_state.d_params, float(metrics["r1"])
+
+    lazy_on, r1_on = one_step(4, r1_gamma=2.0, r1_every=4)
+    every_on, r1_every_step = one_step(4, r1_gamma=8.0)
+    assert r1_on == pytest.approx(r1_every_step, rel=1e-6) and r1_on > 0
+    lazy_off, r1_off = one_step(5, r1_gamma=2.0, r1_every=4)
+    without, _ = one_step(5, r1_gamma=0.0)
+    assert r1_off == 0.0
+    for a, b in ((lazy_on, every_on), (lazy_off, without)):
+        for x, y in zip(leaves(a), leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    # the R1 step's discriminator differs from the step without R1: the switch does something
+    assert any(not np.allclose(x, y) for x, y in zip(leaves(lazy_on), leaves(one_step(4, r1_gamma=0.0)[0])))
