@@ -14,7 +14,8 @@ the share of this machine's float32 matmul rate, measured in the same run.
 To compare two commits side by side, run this file from one checkout with `PYTHONPATH` pointing at the other
 (`git worktree add /tmp/old <commit>; PYTHONPATH=/tmp/old python benchmarks/train_step_speed.py`): the script
 measures whichever `hitlib` it imports, and records its path. `--malloc tuned` (the default) sets glibc's
-malloc as the `hitlib` command does (`hitlib.cli.tune_allocator`); `--malloc glibc` leaves its defaults.
+malloc as the `hitlib` command does (`hitlib.cli.tune_allocator`); `--malloc glibc` leaves its defaults (and is
+what a commit from before `tune_allocator` can run).
 """
 import argparse
 import dataclasses
@@ -132,6 +133,8 @@ def main():
     parser.add_argument("--malloc", choices=["tuned", "glibc"], default="tuned",
                         help="malloc as the hitlib command sets it (default), or glibc's defaults")
     args = parser.parse_args()
+    if args.malloc == "tuned" and not hasattr(cli, "tune_allocator"):
+        parser.error("--malloc tuned: this hitlib predates tune_allocator; use --malloc glibc")
     if args.malloc == "tuned" and not cli.tune_allocator():
         parser.error("--malloc tuned: this C library is not glibc, or MALLOC_* is set")
     load_before = os.getloadavg()

@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--curve",
         action="store_true",
-        help="measure the default run's learning curve instead",
+        help="measure the tiny recipe's learning curve (learning_curve.json) instead",
     )
     parser.add_argument("--curve-steps", type=int, default=2000)
     parser.add_argument(
