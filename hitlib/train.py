@@ -46,6 +46,7 @@ from .recipes import RESUMABLE_FIELDS, TrainConfig, check_int
 from .sampling import generate, sample_latents, save_image_grid
 from hitlib.scaling import (
     DATA_AXIS,
+    barrier,
     check_batch_divides,
     data_mesh,
     local_copy,
@@ -452,6 +453,7 @@ def train(
     )
     write_config(config, workdir)
     networks, state = create_train_state(config)
+    barrier("built")  # all here before the first collective (restore or replicate)
     restored = store.restore_latest(abstract_state(state, mesh))
     if restored is not None:
         state = restored
