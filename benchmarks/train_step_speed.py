@@ -9,7 +9,7 @@ the share of this machine's float32 matmul rate, measured in the same run.
     python benchmarks/train_step_speed.py --quick            # tiny, batch 8 (a minute)
     python benchmarks/train_step_speed.py                    # tiny and release-128 at batch 8 (about 10 minutes)
     python benchmarks/train_step_speed.py --save NAME        # also write benchmarks/results/NAME.json
-    python benchmarks/train_step_speed.py --lazy-r1          # also a step between lazy R1 steps (r1_every=16)
+    python benchmarks/train_step_speed.py --options          # also the step of each option that is off by default
 
 To compare two commits side by side, run this file from one checkout with `PYTHONPATH` pointing at the other
 (`git worktree add /tmp/old <commit>; PYTHONPATH=/tmp/old python benchmarks/train_step_speed.py`): the script
@@ -62,7 +62,16 @@ def training_config(name, batch):
     return TrainConfig(generator=name, batch_size=batch, r1_gamma=10.0)
 
 
-def step_parts(name, batch, repeats, peak, lazy_r1=False):
+# The training step's options, each off by default: the step it changes, measured beside the default one.
+OPTIONS = {
+    # lazy R1 (r1_every=16): the program of the 15 steps in 16 that skip R1
+    "step_between_lazy_r1": (dict(r1_every=16), 1),
+    # the release's simultaneous updates: G's gradient through the D before its update
+    "step_simultaneous_updates": (dict(updates="simultaneous"), 0),
+}
+
+
+def step_parts(name, batch, repeats, peak, options=False):
     "Every part of one training step of configuration `name` at `batch`, and the whole step."
     config = training_config(name, batch)
     networks, state = train.create_train_state(config)
@@ -109,15 +118,12 @@ def step_parts(name, batch, repeats, peak, lazy_r1=False):
     step = train.make_train_step(config, networks, donate=False)
     result["step"] = measure(None, (state, real), max(1, repeats - 1), peak, jitted=step)
     print(json.dumps({name: batch, "step": result["step"]}), flush=True)
-    if lazy_r1:
-        # lazy R1 (r1_every=16, off by default): a step that skips R1 (15 of every 16)
-        lazy = dataclasses.replace(config, r1_every=16)
-        skipping = state.replace(step=jnp.asarray(1, jnp.int32))
-        step = train.make_train_step(lazy, networks, donate=False)
-        result["step_between_lazy_r1"] = measure(None, (skipping, real), max(1, repeats - 1), peak,
-                                                 jitted=step)
-        print(json.dumps({name: batch, "step_between_lazy_r1": result["step_between_lazy_r1"]}),
-              flush=True)
+    for option, (fields, step_number) in OPTIONS.items() if options else ():
+        variant = dataclasses.replace(config, **fields)
+        at = state.replace(step=jnp.asarray(step_number, jnp.int32))
+        step = train.make_train_steps(variant, networks, donate=False)(step_number)
+        result[option] = measure(None, (at, real), max(1, repeats - 1), peak, jitted=step)
+        print(json.dumps({name: batch, option: result[option]}), flush=True)
     return result
 
 
@@ -128,8 +134,8 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--save", metavar="NAME", help="write benchmarks/results/NAME.json")
-    parser.add_argument("--lazy-r1", action="store_true",
-                        help="also time a step between two R1 steps of r1_every=16 (an option, off by default)")
+    parser.add_argument("--options", action="store_true",
+                        help="also time the step of each option that is off by default (lazy R1, simultaneous)")
     parser.add_argument("--malloc", choices=["tuned", "glibc"], default="tuned",
                         help="malloc as the hitlib command sets it (default), or glibc's defaults")
     args = parser.parse_args()
@@ -141,7 +147,7 @@ def main():
     peak = matmul_flops_per_second()
     configs = ["tiny"] if args.quick else args.configs
     batches = [8] if args.quick else args.batches
-    runs = [step_parts(config, batch, args.repeats, peak, args.lazy_r1) for config in configs for batch in batches]
+    runs = [step_parts(config, batch, args.repeats, peak, args.options) for config in configs for batch in batches]
     result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
               "hitlib": str(Path(hitlib.__file__).resolve().parent),
               "cpu_count": os.cpu_count(), "platform": platform.processor() or platform.machine(),

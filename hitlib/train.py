@@ -2,8 +2,8 @@
 
 # %% auto #0
 __all__ = ['GENERATOR_FILE', 'TrainState', 'Networks', 'create_train_state', 'ema_update', 'all_finite', 'make_train_step',
-           'training_source', 'training_dataset', 'fixed_latents', 'MetricsLog', 'read_metrics', 'NonFiniteLossError',
-           'default_data_threads', 'train', 'Run', 'load_state', 'load_run', 'export_generator']
+           'make_train_steps', 'training_source', 'training_dataset', 'fixed_latents', 'MetricsLog', 'read_metrics',
+           'NonFiniteLossError', 'default_data_threads', 'train', 'Run', 'load_state', 'load_run', 'export_generator']
 
 # %% ../notebooks/11c_training.ipynb #c002
 # nbdev writes `__all__` first, so the docstring is set by name
@@ -162,10 +162,13 @@ def make_train_step(
     networks: Networks,
     mesh: Optional[Mesh] = None,
     donate: bool = True,
+    r1: bool = True,
 ):
     """The jitted step `(state, real [B, R, R, 3]) -> (state, metrics)`: one
     discriminator update, then one generator update. Its random numbers come from
     `fold_in(training key, state.step)`: no hidden RNG state.
+    r1: with the R1 term (weight γ·r1_every); False: the program of the steps
+    between two lazy R1 steps (`make_train_steps` picks one by the step number).
 
     metrics["finite_losses"]: the losses, computed from the *input* state, are
     finite; metrics["finite_state"]: every value of the new state is. The losses of
@@ -185,22 +188,15 @@ def make_train_step(
         )  # BatchNorm: batch statistics, running ones updated
         return images, nnx.state(model, nnx.BatchStat)
 
-    def d_objective(d_params, real, fake, key_real, key_fake, step):
+    def d_objective(d_params, real, fake, key_real, key_fake):
         "L_D (equation 2) + R1 on the reals + bCR (off by default)."
         d = networks.discriminator(d_params)
         real_logits, fake_logits = d(real), d(fake)
         adversarial = losses.discriminator_loss(real_logits, fake_logits, config.loss)
-        every = config.r1_every
-        if config.r1_gamma == 0:
-            r1 = jnp.zeros(())
-        elif every == 1:
-            r1 = losses.r1_penalty(d, real, config.r1_gamma)
-        else:  # lazy R1: the other steps skip its double backward pass entirely
-            r1 = jax.lax.cond(
-                step % every == 0,
-                lambda: losses.r1_penalty(d, real, config.r1_gamma * every),
-                lambda: jnp.zeros(()),
-            )
+        gamma = config.r1_gamma * config.r1_every  # lazy R1: the same average pull
+        penalty = (
+            losses.r1_penalty(d, real, gamma) if r1 and gamma > 0 else jnp.zeros(())
+        )
         bcr = (
             losses.bcr_loss(
                 d,
@@ -216,9 +212,9 @@ def make_train_step(
             if config.bcr_weight > 0
             else jnp.zeros(())
         )
-        return adversarial + r1 + bcr, dict(
+        return adversarial + penalty + bcr, dict(
             d_loss=adversarial,
-            r1=r1,
+            r1=penalty,
             bcr=bcr,
             real_logit=real_logits.mean(),
             fake_logit=fake_logits.mean(),
@@ -243,7 +239,6 @@ def make_train_step(
             jax.lax.stop_gradient(fake),
             key_real,
             key_fake,
-            state.step,
         )
         d_updates, d_opt_state = networks.d_tx.update(
             d_grads, state.d_opt_state, state.d_params
@@ -251,9 +246,12 @@ def make_train_step(
         d_params = optax.apply_updates(state.d_params, d_updates)
 
         # Generator: equation 3 on the same images against the updated
-        # discriminator, pulled back through the generator's vjp.
+        # discriminator (or, simultaneous, the step's input one), pulled back
+        # through the generator's vjp.
+        judge = d_params if config.updates == "alternating" else state.d_params
+
         def g_objective(images):
-            logits = networks.discriminator(d_params)(images)
+            logits = networks.discriminator(judge)(images)
             return losses.generator_loss(logits, config.loss)
 
         g_loss, image_grads = jax.value_and_grad(g_objective)(fake)
@@ -287,6 +285,24 @@ def make_train_step(
         out_shardings=NamedSharding(mesh, P()),
         donate_argnums=(0,) if donate else (),
     )
+
+
+def make_train_steps(
+    config: TrainConfig,
+    networks: Networks,
+    mesh: Optional[Mesh] = None,
+    donate: bool = True,
+):
+    """`programs(s)`: the jitted step to run on the state of step s. One program, or
+    with lazy R1 (r1_every = k > 1) two, chosen here in Python by the step number:
+    R1 (weight γ·k) on the steps divisible by k, none on the others. A `lax.cond`
+    inside one program saved nothing on a CPU; two programs never run R1 between.
+    Each compiles when first called."""
+    with_r1 = make_train_step(config, networks, mesh, donate)
+    if config.r1_every == 1 or config.r1_gamma == 0:
+        return lambda step: with_r1
+    between = make_train_step(config, networks, mesh, donate, r1=False)
+    return lambda step: with_r1 if step % config.r1_every == 0 else between
 
 # %% ../notebooks/11c_training.ipynb #c022
 def training_source(config: TrainConfig):
@@ -371,8 +387,8 @@ def read_metrics(workdir) -> list:
 _STEP_CACHE = {}
 
 
-def _compiled_step(config: TrainConfig, networks: Networks, mesh: Mesh):
-    "(networks, jitted step), reused by a later `train` of the same computation."
+def _compiled_steps(config: TrainConfig, networks: Networks, mesh: Mesh):
+    "(networks, `make_train_steps`), reused by a later `train` of the same computation."
     key = tuple(
         (field.name, getattr(config, field.name))
         for field in dataclasses.fields(TrainConfig)
@@ -380,7 +396,7 @@ def _compiled_step(config: TrainConfig, networks: Networks, mesh: Mesh):
     ) + (mesh,)
     if key not in _STEP_CACHE:  # a resume in this process does not compile again
         _STEP_CACHE.clear()
-        _STEP_CACHE[key] = (networks, make_train_step(config, networks, mesh))
+        _STEP_CACHE[key] = (networks, make_train_steps(config, networks, mesh))
     return _STEP_CACHE[key]
 
 
@@ -460,7 +476,7 @@ def train(
         _logger.info("resumed %s from step %d", workdir, int(state.step))
     state = replicate(mesh, state)
     start = int(state.step)
-    networks, step_fn = _compiled_step(config, networks, mesh)
+    networks, programs = _compiled_steps(config, networks, mesh)
     fixed_z = fixed_latents(config)
     log = MetricsLog(workdir, start) if primary else None
     pending, fetched = [], []  # (step, metrics on the device); fetched (step, dict)
@@ -536,7 +552,7 @@ def train(
     try:
         upcoming = shard_batch(mesh, next(batches)) if start < config.steps else None
         for step in range(start, config.steps):
-            state, metrics = step_fn(state, upcoming)  # dispatched; runs meanwhile
+            state, metrics = programs(step)(state, upcoming)  # runs meanwhile
             done = step + 1
             pending.append((done, metrics))
             upcoming = shard_batch(mesh, next(batches)) if done < config.steps else None
@@ -557,7 +573,7 @@ def train(
                 unconfirmed = done
         if unconfirmed is not None:  # the last checkpoint: judged by one more step
             probe = shard_batch(mesh, data.batch_at(dataset, unconfirmed))
-            _, metrics = step_fn(jax.tree.map(jnp.copy, state), probe)
+            _, metrics = programs(unconfirmed)(jax.tree.map(jnp.copy, state), probe)
             pending.append((unconfirmed + 1, metrics))
             fetch()
             fetched.clear()

@@ -319,14 +319,14 @@ def test_an_exported_generator_loads_as_the_run_and_damage_is_caught(tmp_path, r
 
 def test_lazy_r1_is_the_r1_term_times_k_on_every_kth_step_and_absent_between():
     # r1_every=k: step s with s % k == 0 is the every-step update with weight γ·k, any other step the update
-    # without R1 (same random numbers: they come from the step number).
+    # without R1 (same random numbers: they come from the step number); `make_train_steps` picks the program.
     real = jax.random.uniform(jax.random.key(3), (4, 32, 32, 3), minval=-1.0, maxval=1.0)
 
     def one_step(step, **fields):
         config = dataclasses.replace(SMALL, **fields)
         networks, state = train.create_train_state(config)
         state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
-        new_state, metrics = train.make_train_step(config, networks, donate=False)(state, real)
+        new_state, metrics = train.make_train_steps(config, networks, donate=False)(step)(state, real)
         return new_state.d_params, float(metrics["r1"])
 
     lazy_on, r1_on = one_step(4, r1_gamma=2.0, r1_every=4)
@@ -340,3 +340,25 @@ def test_lazy_r1_is_the_r1_term_times_k_on_every_kth_step_and_absent_between():
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     # the R1 step's discriminator differs from the step without R1: the switch does something
     assert any(not np.allclose(x, y) for x, y in zip(leaves(lazy_on), leaves(one_step(4, r1_gamma=0.0)[0])))
+
+
+def test_simultaneous_updates_take_the_generators_gradient_through_the_discriminator_before_its_update():
+    # updates="simultaneous" (the release's): D's update is the alternating step's, G's is the one an alternating
+    # step computes when D does not move (d_lr so small that Adam's steps vanish in float32).
+    real = jax.random.uniform(jax.random.key(4), (4, 32, 32, 3), minval=-1.0, maxval=1.0)
+
+    def one_step(**fields):
+        config = dataclasses.replace(SMALL, **fields)
+        networks, state = train.create_train_state(config)
+        new_state, _ = train.make_train_step(config, networks, donate=False)(state, real)
+        return new_state
+
+    simultaneous = one_step(updates="simultaneous")
+    alternating = one_step()
+    frozen_d = one_step(d_lr=1e-30)
+    for x, y in zip(leaves(simultaneous.d_params), leaves(alternating.d_params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(leaves(simultaneous.g_params), leaves(frozen_d.g_params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(x, y, rtol=1e-5, atol=1e-7)
+               for x, y in zip(leaves(simultaneous.g_params), leaves(alternating.g_params)))
