@@ -322,10 +322,14 @@ def real_images_uint8(data_folder, resolution: int, batch: int = 256):
 
 
 def command_stats(args) -> int:
-    """`hitlib eval --stats OUT.npz`: the real data's reference statistics for FID (and
-    KID with --features)."""
+    """`hitlib stats OUT.npz`: the real data's reference statistics for FID (and KID
+    with --features). An existing OUT is kept unless --force."""
     from hitlib import checkpoints, evaluate, inception
 
+    if Path(args.output).expanduser().exists() and not args.force:
+        raise FileExistsError(
+            f"{args.output} exists: pass --force to replace it, or another path"
+        )
     data_folder, resolution = args.data, args.resolution
     if args.workdir is not None:  # the run's data and resolution, unless given
         config = checkpoints.load_config(args.workdir)
@@ -351,7 +355,7 @@ def command_stats(args) -> int:
         keep_features=args.features,
         progress=not args.quiet,
     )
-    path = evaluate.save_stats(args.stats, stats)
+    path = evaluate.save_stats(args.output, stats)
     print(
         f"reference statistics of {stats['num_samples']} images of {dataset!r} at "
         f"{stats['resolution']}×"
@@ -396,7 +400,7 @@ def evaluate_inception(run, args) -> dict:
         if args.stats is None:
             raise ValueError(
                 f"--metric {args.metric} needs the real data's reference statistics: "
-                "compute them once with `hitlib eval --stats OUT.npz --workdir "
+                "compute them once with `hitlib stats OUT.npz --workdir "
                 f"{args.workdir}{' --features' if args.metric == 'kid' else ''}`, then "
                 "pass --stats OUT.npz"
             )
@@ -406,7 +410,7 @@ def evaluate_inception(run, args) -> dict:
         if args.metric == "kid" and "features" not in stats:
             raise ValueError(
                 f"{args.stats} holds no features, which KID needs: recompute it with "
-                f"`hitlib eval --stats {args.stats} --features ...`"
+                f"`hitlib stats {args.stats} --features --force ...`"
             )
     model = inception.load_inception_weights(args.weights)
     result = evaluate.evaluate_generator(
@@ -437,13 +441,10 @@ EVALUATORS = {
 def command_eval(args) -> int:
     from hitlib import checkpoints, train
 
-    if args.metric is None and args.stats is not None:
-        return command_stats(args)
-    args.metric = args.metric or "fdd"
     if args.workdir is None:
         raise ValueError(
-            "--workdir is needed to evaluate a run (or --stats OUT.npz without "
-            "--metric to compute the real data's reference statistics)"
+            "--workdir is needed to evaluate a run (the real data's reference "
+            "statistics are `hitlib stats OUT.npz`)"
         )
     run = train.load_run(args.workdir, args.step)
     if args.num_samples is None:
@@ -683,27 +684,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     interpolate.set_defaults(handler=command_interpolate)
 
+    stats = commands.add_parser(
+        "stats",
+        help="the real images' reference statistics for FID (and KID)",
+        description="Compute the reference statistics of the real images (--data, "
+        "else the run's data with --workdir, else the embedded digits) for FID (and "
+        "KID with --features), and write them to OUTPUT (an existing file only with "
+        "--force). They need the converted Inception weights (--weights, "
+        "$HITLIB_INCEPTION_WEIGHTS or ~/.cache/hitlib/fid_inception_v3.npz).",
+    )
+    stats.add_argument("output", metavar="OUTPUT", help="the .npz to write")
+    stats.add_argument(
+        "--workdir", default=None, help="a run whose data and resolution to use"
+    )
+    stats.add_argument(
+        "--data",
+        default=None,
+        help="a folder of real images or prepared shards (default: the embedded "
+        "digits, or the run's data with --workdir)",
+    )
+    stats.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="the side of the images (default: the run's with --workdir, else 32)",
+    )
+    stats.add_argument(
+        "--features",
+        action="store_true",
+        help="also keep the features (KID needs them)",
+    )
+    stats.add_argument(
+        "--force", action="store_true", help="replace an existing OUTPUT"
+    )
+
     evaluate = commands.add_parser(
         "eval",
-        help="score the EMA generator's samples, or (--stats OUT.npz without "
-        "--metric) compute the real data's reference statistics",
-        description="With --metric (default fdd): evaluate the run in --workdir and "
-        "write WORKDIR/eval/METRIC_stepNNNNNNN.json. With --stats OUT.npz and no "
-        "--metric: compute the reference statistics of the real images (--data, else "
-        "the run's data with --workdir, else the embedded digits) for FID (and KID "
-        "with --features). FID, IS and KID need the converted Inception weights "
-        "(--weights, $HITLIB_INCEPTION_WEIGHTS or "
+        help="score the EMA generator's samples",
+        description="Evaluate the run in --workdir and write "
+        "WORKDIR/eval/METRIC_stepNNNNNNN.json. FID and KID compare with the real "
+        "data's reference statistics (`hitlib stats`); FID, IS and KID need the "
+        "converted Inception weights (--weights, $HITLIB_INCEPTION_WEIGHTS or "
         "~/.cache/hitlib/fid_inception_v3.npz).",
     )
-    evaluate.add_argument(
-        "--workdir",
-        default=None,
-        help="the run to evaluate (or whose data to use for --stats)",
-    )
+    evaluate.add_argument("--workdir", default=None, help="the run to evaluate")
     evaluate.add_argument(
         "--metric",
         choices=METRICS,
-        default=None,
+        default="fdd",
         help="fdd: Fréchet Digit Distance to the embedded digits (offline; chapter "
         "11b); fid, is, kid: chapter 12 with the Inception network",
     )
@@ -728,44 +756,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--stats",
         default=None,
-        help="reference statistics: read for fid/kid; written when no --metric is "
-        "given",
+        help="the real data's reference statistics for fid and kid (`hitlib stats`)",
     )
-    evaluate.add_argument(
-        "--weights", default=None, help="converted Inception weights (.npz)"
-    )
-    evaluate.add_argument(
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=50,
-        help="images per Inception batch, split over the devices (default 50)",
-    )
-    evaluate.add_argument(
-        "--data",
-        default=None,
-        help="--stats: a folder of real images (default: the embedded "
-        "digits, or the run's data with --workdir)",
-    )
-    evaluate.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="--stats: the side of the images (default: the run's with --workdir, "
-        "else 32)",
-    )
-    evaluate.add_argument(
-        "--dataset",
-        default=None,
-        help="the dataset's name in the statistics (default: mnist5k "
-        "for the embedded digits, else the data folder's name)",
-    )
-    evaluate.add_argument(
-        "--features",
-        action="store_true",
-        help="--stats: also keep the features (KID needs them)",
-    )
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    for command in (stats, evaluate):  # what both read
+        command.add_argument(
+            "--weights", default=None, help="converted Inception weights (.npz)"
+        )
+        command.add_argument(
+            "--batch-size",
+            dest="batch_size",
+            type=int,
+            default=50,
+            help="images per Inception batch, split over the devices (default 50)",
+        )
+        command.add_argument(
+            "--dataset",
+            default=None,
+            help="the dataset's name in the statistics (default: mnist5k "
+            "for the embedded digits, else the data folder's name)",
+        )
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
+    stats.set_defaults(handler=command_stats)
     evaluate.set_defaults(handler=command_eval)
     return parser
 

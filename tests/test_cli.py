@@ -180,9 +180,17 @@ def test_interpolate_writes_a_strip_and_the_latents(capsys, run_dir, tmp_path):
 def test_stats_then_fid_is_kid(capsys, run_dir, weights, digits, tmp_path):
     options = ["--weights", str(weights), "--batch-size", "8", "--quiet"]
     stats_file = tmp_path / "digits.npz"
-    assert cli.main(["eval", "--stats", str(stats_file), "--data", str(digits), "--resolution", "32", "--features",
-                     *options]) == 0
+    make_stats = ["stats", str(stats_file), "--data", str(digits), "--resolution", "32", "--features", *options]
+    assert cli.main(make_stats) == 0
     assert "reference statistics of 12 images of 'digits' at 32×32" in capsys.readouterr().out
+    # an existing file is kept, before the weights are loaded or an image read; --force replaces it
+    made = evaluate.load_stats(stats_file)
+    stats_file.write_bytes(b"the user's own file")
+    assert cli.main(make_stats) == 2
+    assert "exists: pass --force" in capsys.readouterr().err
+    assert stats_file.read_bytes() == b"the user's own file"
+    assert cli.main([*make_stats, "--force"]) == 0
+    np.testing.assert_array_equal(evaluate.load_stats(stats_file)["mu"], made["mu"])
     stats = evaluate.load_stats(stats_file, expected_resolution=32, expected_dataset="digits")
     assert stats["num_samples"] == 12 and stats["features"].shape == (12, 2048)  # 12 = 8 + 4: no image dropped
     fingerprint = evaluate.weights_fingerprint(inception.load_inception_weights(weights))
@@ -218,7 +226,7 @@ def test_eval_refusals(capsys, run_dir, tmp_path, monkeypatch):
     assert cli.main([*base, "--metric", "is"]) == 2
     err = capsys.readouterr().err
     assert "no Inception weights at" in err and "pt_inception-2015-12-05" in err and "convert_inception_weights" in err
-    assert cli.main(["eval", "--stats", str(tmp_path / "out.npz")]) == 2
+    assert cli.main(["stats", str(tmp_path / "out.npz")]) == 2
     assert "no Inception weights at" in capsys.readouterr().err and not (tmp_path / "out.npz").exists()
     # statistics of another resolution or dataset: refused with both named (before the weights are needed)
     assert cli.main([*base, "--metric", "fid", "--stats", str(fake_stats(tmp_path / "r16.npz", resolution=16))]) == 2
