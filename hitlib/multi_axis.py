@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from .attention import softmax
 from .reference.attention import is_multi_query
 from hitlib.reference.multi_axis import (
-    ATTENTION_KINDS,
     attention_flops,
     attention_region,
     check_self_attention,

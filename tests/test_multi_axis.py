@@ -15,11 +15,8 @@ from hitlib.reference import multi_axis as ref
 from hitlib.reference.blocking import balanced_block_size, block, unblock
 
 
-@pytest.fixture(autouse=True)
-def full_float32_matmuls():
-    "Parity needs true float32 products: JAX's default may be TF32 on GPUs or bfloat16 passes on TPUs."
-    with jax.default_matmul_precision("highest"):
-        yield
+# parity needs true float32 products (conftest.py)
+pytestmark = pytest.mark.usefixtures("full_float32_precision")
 
 
 def random_params(seed, width, num_heads, multi_query=True, kernel_scale=20.0, dtype=np.float32):
@@ -346,7 +343,7 @@ def map_geometry(draw):
     return height, width, channels, num_heads, block_size
 
 
-@given(map_geometry(), st.sampled_from(ref.ATTENTION_KINDS), st.booleans(), st.booleans())
+@given(map_geometry(), st.sampled_from(ref.LAYER_ATTENTION_KINDS), st.booleans(), st.booleans())
 def test_attention_flops_match_loops(geometry, kind, multi_query, projections):
     args = (kind, *geometry, multi_query, projections)
     assert ref.attention_flops(*args) == ref.attention_flops_loops(*args)
