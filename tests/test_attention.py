@@ -12,11 +12,8 @@ from hitlib import attention
 from hitlib.reference import attention as ref
 
 
-@pytest.fixture(autouse=True)
-def full_float32_matmuls():
-    "Parity needs true float32 products: JAX's default may be TF32 on GPUs or bfloat16 passes on TPUs."
-    with jax.default_matmul_precision("highest"):
-        yield
+# parity needs true float32 products (conftest.py)
+pytestmark = pytest.mark.usefixtures("full_float32_precision")
 
 
 def random_params(seed, width, num_heads, kv_width, multi_query, kernel_scale=20.0, dtype=np.float32):

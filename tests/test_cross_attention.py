@@ -14,11 +14,8 @@ from hitlib.reference import attention as ref_attention
 from hitlib.reference import cross_attention as ref
 
 
-@pytest.fixture(autouse=True)
-def full_float32_matmuls():
-    "Parity needs true float32 products: JAX's default may be TF32 on GPUs or bfloat16 passes on TPUs."
-    with jax.default_matmul_precision("highest"):
-        yield
+# parity needs true float32 products (conftest.py)
+pytestmark = pytest.mark.usefixtures("full_float32_precision")
 
 
 def random_params(seed, width, num_heads, kv_width, multi_query=True, kernel_scale=20.0):

@@ -1,9 +1,6 @@
 """Chapter 7: the Flax NNX generator equals the NumPy oracle on identical weights, per stage and end to end,
 and so do its running statistics after a training step (Keras' unbiased variance); parameter counts
 reproduce the paper; the forward pass and a gradient step shard over 8 host devices."""
-import os
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
@@ -17,6 +14,7 @@ from hitlib.config import PRESETS, get_config, parameter_counts
 from hitlib.generator import Generator, Norm, load_reference_params, reference_params, summary
 from hitlib.reference import generator as ref
 from hitlib.reference import layers as ref_layers
+from helpers import run_python
 
 # float32 parity tolerance, end to end through every stage (stated in chapter 7b).
 RTOL, ATOL = 2e-4, 2e-5
@@ -373,8 +371,7 @@ SHARDED = textwrap.dedent("""
 
 
 def test_forward_and_gradient_step_sharded_over_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
+    result = run_python(["-c", SHARDED], devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sharded ok" in result.stdout
 

@@ -28,11 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 INSTALL = '.venv/bin/pip install -e ".[parity]"'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def full_float32_precision():
-    "Parity needs true float32 convolutions and products: JAX's default may be TF32 on GPUs, bfloat16 passes on TPUs."
-    with jax.default_matmul_precision("highest"):
-        yield
+# parity needs true float32 products (conftest.py)
+pytestmark = pytest.mark.usefixtures("full_float32_precision")
 
 
 # ---------------------------------------------------------------- PyTorch side (imports, random network)

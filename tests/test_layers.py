@@ -18,11 +18,8 @@ from hitlib.reference.blocking import pixel_shuffle, upsample_nearest
 RTOL = 1e-5  # float32 parity; atol = RTOL * max|expected| where values cross zero
 
 
-@pytest.fixture(autouse=True)
-def full_float32_matmuls():
-    "Parity needs true float32 products: JAX's default may be TF32 on GPUs or bfloat16 passes on TPUs."
-    with jax.default_matmul_precision("highest"):
-        yield
+# parity needs true float32 products (conftest.py)
+pytestmark = pytest.mark.usefixtures("full_float32_precision")
 
 
 def to_jax(tree):

@@ -5,9 +5,6 @@ every image counted, the statistics equal to those of the features computed dire
 uint8), the metadata checks, and data-parallel sharding on two forced CPU devices (in a subprocess, since the device
 count is fixed when JAX starts)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -20,6 +17,7 @@ from hypothesis import strategies as st
 from hitlib import evaluate, inception
 from hitlib.reference import metrics as ref
 from hitlib.sampling import sample_latents
+from helpers import run_python
 
 LATENT_DIM, RESOLUTION, BATCH = 4, 8, 4
 _PROJECTION = np.random.default_rng(5).standard_normal((LATENT_DIM, RESOLUTION * RESOLUTION * 3)).astype(np.float32)
@@ -261,9 +259,8 @@ def test_sharded_over_two_devices_equals_one_device(model, stats, tmp_path):
     path = evaluate.save_stats(tmp_path / "stats.npz", stats)
     single = evaluate.evaluate_generator(generate, LATENT_DIM, 6, ("fid", "is"), model, stats, batch_size=BATCH,
                                          seed=2, num_splits=2, progress=False)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     script = _SHARDED.format(tests=str(Path(__file__).parent), stats=str(path))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = run_python(["-c", script], devices=2)
     assert done.returncode == 0, done.stderr[-3000:]
     sharded = json.loads(done.stdout.split("RESULTS", 1)[1])
     assert sharded["num_devices"] == 2 and sharded["batch_size"] == 4 and sharded["shards"] == 2

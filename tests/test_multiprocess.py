@@ -4,7 +4,6 @@ machine, one CPU device each, joined by JAX's multi-controller runtime (CPU coll
 They must end where one process with two (forced) devices ends, write one run that a single process restores, stop
 together when one of them is killed, and resume when both are started again. Subprocesses are waited for by the events
 they produce within a generous overall limit (`LIMIT_S`) that only a hung process reaches."""
-import json
 import os
 import signal
 import socket
@@ -19,9 +18,9 @@ import numpy as np
 import pytest
 
 from hitlib import checkpoints, train
+from helpers import LIMIT_S, run_python
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMIT_S = 1800
 SMALL = ["--quiet", "batch_size=4", "d_max_channels=8", "widths=32,16,8", "latent_dim=16", "checkpoint_every=4",
          "log_every=4", "sample_every=1000", "num_samples=4", "keep_checkpoints=2"]
 
@@ -66,9 +65,8 @@ def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     results = finish(start_pair(root / "pair", 8))
     assert all(code == 0 for code, _ in results), "\n".join(err[-2000:] for _, err in results)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    single = subprocess.run([sys.executable, "-m", "hitlib", "train", "--workdir", str(root / "single"), "--steps",
-                             "8", *SMALL], cwd=ROOT, env=env, capture_output=True, text=True, timeout=LIMIT_S)
+    single = run_python(["-m", "hitlib", "train", "--workdir", str(root / "single"), "--steps", "8", *SMALL],
+                        devices=2, cwd=ROOT)
     assert single.returncode == 0, single.stderr[-2000:]
     return root
 

@@ -1,7 +1,4 @@
 """Chapter 8: the data-parallel helpers (a one-axis mesh, replicated state, a batch split over devices)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -9,6 +6,7 @@ import numpy as np
 import pytest
 
 from hitlib.scaling import batch_sharded, check_batch_divides, data_mesh, replicate, replicated, shard_batch
+from helpers import run_python
 
 
 def test_one_device_mesh_round_trips_a_batch():
@@ -42,7 +40,6 @@ EIGHT = textwrap.dedent("""
 
 
 def test_batch_splits_over_eight_host_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run([sys.executable, "-c", EIGHT], env=env, capture_output=True, text=True, timeout=1800)  # only a hang reaches it
+    result = run_python(["-c", EIGHT], devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eight ok" in result.stdout

@@ -6,7 +6,6 @@ No test here depends on how fast the machine is: subprocesses are waited for by 
 appearing, the process ending) within a generous overall limit, `LIMIT_S`, that only a hung process reaches."""
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,9 @@ import numpy as np
 import pytest
 
 from hitlib import checkpoints, recipes, sampling, scaling, train
+from helpers import LIMIT_S, run_python
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMIT_S = 1800  # only a hung subprocess takes this long, even on a loaded 2-core machine
 
 # A very small run: the tiny preset narrowed, batch 4, an 8-channel discriminator; checkpoints every 4 steps.
 SMALL = recipes.TrainConfig(generator="tiny", generator_overrides=("widths=32,16,8", "latent_dim=16"), batch_size=4,
@@ -270,10 +269,9 @@ def test_data_parallel_on_four_devices_matches_one_device(tmp_path, reference_ru
     so Adam, which divides a gradient by its own size, turns rounding noise into steps of up to lr: up to 3.8e-4 apart,
     bounded by 2·lr·steps) and those BatchNorms' running means (up to 5e-5). The generator's function is the same:
     its training-mode images on fixed latents agree within 2.2e-8 (of values up to 0.13); asserted at atol 1e-6."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     final = tmp_path / "final.npz"
-    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, json.dumps(SMALL.to_dict()), str(tmp_path / "run"),
-                             str(final)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=LIMIT_S)
+    result = run_python(["-c", SHARDED_SCRIPT, json.dumps(SMALL.to_dict()), str(tmp_path / "run"), str(final)],
+                        devices=4, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     single_state = reference_run[1]
     with np.load(final) as archive:
