@@ -47,11 +47,9 @@ def matmul_flops_per_second(size=2048, repeats=10):
     return 2 * size**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
 
 
-def generator_speed(preset, batch, repeats, peak):
-    "Compile time, images/s, FLOPs/image and the achieved fraction of the matmul rate of a jitted forward pass."
-    config = get_config(preset)
-    model = Generator(config, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
+def forward_seconds(config, batch, repeats):
+    "(compile seconds, median seconds per call) of a jitted inference forward pass of `config` at `batch`."
+    graphdef, state = nnx.split(Generator(config, rngs=nnx.Rngs(0)))
 
     @jax.jit
     def forward(state, z):
@@ -59,14 +57,35 @@ def generator_speed(preset, batch, repeats, peak):
 
     z = jax.random.normal(jax.random.key(0), (batch, config.latent_dim), jnp.float32)
     start = time.perf_counter()
-    lowered = forward.lower(state, z)
-    compiled = lowered.compile()
+    compiled = forward.lower(state, z).compile()
     compile_seconds = time.perf_counter() - start
+    compiled(state, z).block_until_ready()  # warm-up
+    return compile_seconds, median_seconds(lambda: compiled(state, z).block_until_ready(), repeats)
+
+
+def machine_facts():
+    "The date, JAX and the machine a measurement ran on, for its JSON."
+    return {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
+            "platform": platform.processor() or platform.machine(), "device": jax.devices()[0].device_kind,
+            "num_devices": jax.device_count()}
+
+
+def write_result(result, name):
+    "Print `result` as JSON, and write it to benchmarks/results/NAME.json if `name`."
+    print(json.dumps(result, indent=2))
+    if name:
+        path = Path(__file__).resolve().parent / "results" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def generator_speed(preset, batch, repeats, peak):
+    "Compile time, images/s, FLOPs/image and the achieved fraction of the matmul rate of a jitted forward pass."
+    config = get_config(preset)
+    compile_seconds, seconds = forward_seconds(config, batch, repeats)
     # The model's FLOPs (XLA's count of the untiled computation, chapter 7b's `summary`), not the compiled program's:
     # XLA's cost analysis counts the body of the tiled stages' loop once, whatever its trip count.
     flops = summary(config)["flops"] * batch
-    compiled(state, z).block_until_ready()  # warm-up
-    seconds = median_seconds(lambda: compiled(state, z).block_until_ready(), repeats)
     return {
         "config": preset, "resolution": config.resolution, "batch": batch,
         "compile_seconds": round(compile_seconds, 2), "seconds_per_batch": round(seconds, 4),
@@ -94,11 +113,9 @@ def main():
     roofline = max(peak, peak_after)  # the faster of the two: the conservative denominator
     for run in runs:
         run["fraction_of_matmul_rate"] = round(run["achieved_gflops_per_second"] * 1e9 / roofline, 3)
-    result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-              "load_average_before": [round(x, 2) for x in load_before],
+    result = {**machine_facts(), "load_average_before": [round(x, 2) for x in load_before],
               "matmul_gflops_per_second_after": round(peak_after / 1e9, 1),
-              "device": jax.devices()[0].device_kind, "platform": platform.processor() or platform.machine(),
-              "num_devices": jax.device_count(), "matmul_gflops_per_second": round(roofline / 1e9, 1),
+              "matmul_gflops_per_second": round(roofline / 1e9, 1),
               "matmul_gflops_per_second_before": round(peak / 1e9, 1), "runs": runs}
     if not args.quick:
         at_256 = generator_speed("hit-b-256", 1, args.repeats, peak)
@@ -109,11 +126,7 @@ def main():
             "time_ratio": round(per_image[0] / per_image[1], 2), "pixel_ratio": 16,
             "flops_ratio": round(at_1024["gflops_per_image"] / at_256["gflops_per_image"], 2),
         }
-    print(json.dumps(result, indent=2))
-    if args.save:
-        path = Path(__file__).resolve().parent / "results" / "generator_speed.json"
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, "generator_speed" if args.save else None)
 
 
 if __name__ == "__main__":

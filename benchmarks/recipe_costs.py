@@ -100,11 +100,11 @@ def main():
     saved = json.loads(RESULTS.read_text()) if args.save and RESULTS.exists() else {}
     if saved and saved.get("utilisation") != args.utilisation:
         saved = {}
-    recipes = saved.get("recipes", {})
+    costs = saved.get("recipes", {})
     cache = saved.get("compiled", {})
     for name in args.recipes:
-        if name not in recipes:
-            recipes[name] = recipe_cost(name, args.utilisation, cache)
+        if name not in costs:
+            costs[name] = recipe_cost(name, args.utilisation, cache)
             if args.save:
                 report = {"what": __doc__.split("\n")[0], "date": datetime.date.today().isoformat(),
                           "machine": platform.processor() or platform.machine(), "jax": jax.__version__,
@@ -113,10 +113,10 @@ def main():
                                        "compile_seconds"],
                           "estimated": ["v5e_step_seconds_estimated", "fits_v5e_16gb_estimated", "v5e8_days_to_paper_steps_estimated",
                                         "v5e8_images_per_second_estimated"],
-                          "recipes": recipes, "compiled": cache}
+                          "recipes": costs, "compiled": cache}
                 RESULTS.parent.mkdir(exist_ok=True)
                 RESULTS.write_text(json.dumps(report, indent=1) + "\n")
-        print(json.dumps(recipes[name]), flush=True)
+        print(json.dumps(costs[name]), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,8 @@ what a commit from before `tune_allocator` can run).
 """
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from hitlib import cli, losses, recipes, train
 from hitlib.recipes import TrainConfig
 
 # run as a script, this folder is on sys.path: one home for the two timing helpers
-from generator_speed import matmul_flops_per_second, median_seconds
+from generator_speed import machine_facts, matmul_flops_per_second, median_seconds, write_result
 
 
 def measure(fn, args, repeats, peak, jitted=None):
@@ -148,16 +146,10 @@ def main():
     configs = ["tiny"] if args.quick else args.configs
     batches = [8] if args.quick else args.batches
     runs = [step_parts(config, batch, args.repeats, peak, args.options) for config in configs for batch in batches]
-    result = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
-              "hitlib": str(Path(hitlib.__file__).resolve().parent),
-              "cpu_count": os.cpu_count(), "platform": platform.processor() or platform.machine(),
-              "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+    result = {**machine_facts(), "hitlib": str(Path(hitlib.__file__).resolve().parent),
               "malloc": args.malloc, "load_average_before": [round(x, 2) for x in load_before],
               "matmul_gflops_per_second": round(peak / 1e9, 1), "runs": runs}
-    print(json.dumps(result, indent=2))
-    if args.save:
-        path = Path(__file__).resolve().parent / "results" / f"{args.save}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.save)
 
 
 if __name__ == "__main__":
