@@ -32,3 +32,28 @@ def test_reexport_changes_nothing(tmp_path):
     assert sorted(exported) == sorted(committed), "re-exporting creates or removes modules: run nbdev-export"
     stale = [rel for rel in committed if committed[rel] != exported[rel]]
     assert not stale, f"hitlib is out of sync with the notebooks in {stale}: run nbdev-export"
+
+
+def test_the_symbol_index_links_to_the_books_pages():
+    """`_modidx.py` names each symbol's page as nbdev would ("command_line.html", the
+    number dropped); book.yml must redirect every such name to the chapter's page."""
+    import yaml
+    from nbdev.config import nbpath2html
+
+    from hitlib import _modidx
+
+    assert _modidx.d["settings"]["git_url"] == "https://github.com/hitlib/hitlib"
+    config = yaml.safe_load((ROOT / "book.yml").read_text())
+    assert "sphinx_reredirects" in config["sphinx"]["extra_extensions"]
+    redirects = config["sphinx"]["config"]["redirects"]
+    expected = {
+        nbpath2html(path.relative_to(ROOT / "notebooks")).stem: f"notebooks/{path.stem}.html"
+        for path in (ROOT / "notebooks").glob("*.ipynb")
+    }
+    assert redirects == expected
+    linked = {
+        page.split("#")[0].removesuffix(".html")
+        for module in _modidx.d["syms"].values()
+        for page, _ in module.values()
+    }
+    assert linked and linked <= set(redirects), linked - set(redirects)
