@@ -8,12 +8,13 @@ __all__ = ['MNIST5K_FILE', 'MNIST5K_CONTENT_SHA256', 'IMAGE_EXTENSIONS', 'IMAGEN
            'datasets_dir', 'load_mnist5k', 'to_float', 'to_uint8', 'check_resolution', 'resize_square', 'embed_digits',
            'embed_digits_loops', 'load_embedded', 'image_grid', 'BadImageError', 'composite', 'composite_loops',
            'pil_to_rgb', 'decode_image', 'storage_size', 'list_images', 'ImageFolder', 'load_image_folder',
-           'save_npz_reproducibly', 'prepare_image_folder', 'read_label_file', 'ShardedArraySource', 'prepare_command',
-           'open_training_data', 'shuffle_seed', 'augment', 'make_dataset', 'batch_at', 'iterate_batches']
+           'ShardedArraySource', 'read_label_file', 'prepare_image_folder', 'prepare_command', 'open_training_data',
+           'save_npz_reproducibly', 'shuffle_seed', 'crop_and_flip', 'make_dataset', 'batch_at', 'iterate_batches']
 
 # %% ../notebooks/11a_data.ipynb #8b116700
 import bisect
 import concurrent.futures
+import contextlib
 import hashlib
 import io
 import json
@@ -271,7 +272,7 @@ def storage_size(resolution: int, crop_fraction: float = 1.0) -> int:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
     return max(resolution, int(round(resolution / crop_fraction)))
 
-
+# %% ../notebooks/11a_data.ipynb #folder-list
 def list_images(folder, extensions: Sequence[str] = IMAGE_EXTENSIONS):
     """(sorted image paths under `folder`, number of other files left out); ValueError
     if missing or without images."""
@@ -296,18 +297,7 @@ def list_images(folder, extensions: Sequence[str] = IMAGE_EXTENSIONS):
         )
     return images, others
 
-
-def _decode_for_storage(task):
-    """Worker: (path, size, background) ->
-    (uint8 [size, size, 3], None, short side of the file) or (None, reason, 0)."""
-    path, size, background = task
-    try:
-        image = decode_image(path, background)
-        return resize_square(image, size), None, min(image.shape[:2])
-    except BadImageError as error:
-        return None, str(error), 0
-
-
+# %% ../notebooks/11a_data.ipynb #folder-dataset
 class ImageFolder:
     """Random-access dataset of the images under `folder`: element i is uint8 [S, S, 3],
     S = storage_size(R, f).
@@ -399,6 +389,17 @@ class ImageFolder:
             f"labels={'subfolders' if self.labels is not None else None})"
         )
 
+# %% ../notebooks/11a_data.ipynb #folder-decode
+def _decode_for_storage(task):
+    """Worker: (path, size, background) ->
+    (uint8 [size, size, 3], None, short side of the file) or (None, reason, 0)."""
+    path, size, background = task
+    try:
+        image = decode_image(path, background)
+        return resize_square(image, size), None, min(image.shape[:2])
+    except BadImageError as error:
+        return None, str(error), 0
+
 
 def _decode_checked(
     paths,
@@ -462,7 +463,7 @@ def _report_skipped(folder, skipped: list, total: int) -> None:
             skipped[0][1],
         )
 
-
+# %% ../notebooks/11a_data.ipynb #folder-load
 def load_image_folder(
     folder, resolution: int, *, skip_bad: bool = False, workers: int = 0
 ) -> np.ndarray:
@@ -483,251 +484,46 @@ def load_image_folder(
 SHARDS_FORMAT = "hitlib-shards-1"
 
 
-def save_npz_reproducibly(path, arrays: dict) -> None:
-    """Like np.savez_compressed, with fixed member order and timestamps: equal arrays
-    give an identical file."""
-    with zipfile.ZipFile(
-        path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9
-    ) as archive:
-        for name in sorted(arrays):
-            buffer = io.BytesIO()
-            np.lib.format.write_array(
-                buffer, np.asarray(arrays[name]), allow_pickle=False
-            )
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            archive.writestr(info, buffer.getvalue(), compresslevel=9)
+class _ShardWriter:
+    """Saves images uint8 [S, S, 3] (and, if `labelled`, their labels) into `output` as
+    shards of `shard_size`: `images-KKKKK.npy` [n, S, S, 3], `labels-KKKKK.npy` int32
+    [n]. `shards` are the manifest's entries; every path saved is appended to
+    `written`."""
 
+    def __init__(self, output: Path, shard_size: int, labelled: bool, written: list):
+        self.output, self.shard_size, self.labelled = output, shard_size, labelled
+        self.written, self.shards = written, []
+        self._images, self._labels = [], []
 
-def prepare_image_folder(
-    folder,
-    output,
-    resolution: int,
-    *,
-    crop_fraction: float = 1.0,
-    labels: Optional[str] = None,
-    class_names: Optional[Sequence[str]] = None,
-    label_of: Optional[dict] = None,
-    shard_size: int = 4096,
-    workers: int = 0,
-    skip_bad: bool = False,
-    allow_upscale: bool = True,
-    background: int = 0,
-    progress: bool = False,
-) -> dict:
-    """Decode the images under `folder` once into `.npy` shards in the new folder
-    `output`; returns the manifest.
+    def add(self, image, label=None) -> None:
+        self._images.append(image)
+        if self.labelled:
+            self._labels.append(label)
+        if len(self._images) == self.shard_size:
+            self.flush()
 
-    Shards: `images-KKKKK.npy` uint8 [n, S, S, 3]
-    (S = storage_size(resolution, crop_fraction)) and, with labels, `labels-KKKKK.npy`
-    int32 [n]. labels: None; "subfolders"
-    (first-level folder name -> index in `class_names`, sorted names by default); or
-    "mapping": `label_of` maps a file's stem (name without extension) to a class name in
-    `class_names`. workers > 0 decodes in that many processes. Bad files raise
-    `BadImageError`, or with `skip_bad` are left out and listed in the manifest. Images
-    smaller than S are enlarged with a warning, or refused (`allow_upscale=False`).
-    Every argument is checked before anything is written, and a preparation that fails
-    removes what it wrote: `output` is either complete (its manifest.json written last)
-    or as it was.
-    """
-    output = Path(output)
-    resolution = check_resolution(resolution)
-    size = storage_size(resolution, crop_fraction)
-    if (
-        isinstance(shard_size, bool)
-        or not isinstance(shard_size, int)
-        or shard_size < 1
-    ):
-        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} exists and is not a folder")
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"output folder {output} exists and is not empty")
-    if labels == "mapping":
-        if label_of is None or class_names is None:
-            raise ValueError(
-                "labels='mapping' needs label_of (file stem -> class name) and "
-                "class_names"
-            )
-        source = ImageFolder(
-            folder, resolution, crop_fraction=crop_fraction, background=background
-        )
-        index = {name: i for i, name in enumerate(class_names)}
-        missing = [
-            path for path in source.paths if label_of.get(path.stem) not in index
-        ]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} images have no known label, first {missing[0]}"
-            )
-        all_labels = [index[label_of[path.stem]] for path in source.paths]
-    else:
-        source = ImageFolder(
-            folder,
-            resolution,
-            crop_fraction=crop_fraction,
-            labels=labels,
-            class_names=class_names,
-            background=background,
-        )
-        all_labels = source.labels
-        class_names = source.class_names
-    created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    written = []
-    try:
-        return _write_shards(
-            source,
-            output,
-            all_labels,
-            class_names,
-            shard_size,
-            workers,
-            skip_bad,
-            allow_upscale,
-            background,
-            progress,
-            written,
-        )
-    except BaseException:
-        for path in written:  # only what this call wrote: the folder was empty or new
-            path.unlink(missing_ok=True)
-        if created:
-            output.rmdir()
-        raise
+    def flush(self) -> None:
+        "Save the buffered images as the next shard (nothing when there are none)."
+        if not self._images:
+            return
+        name = f"{len(self.shards):05d}"
+        entry = {
+            "images": self._save(f"images-{name}.npy", np.stack(self._images)),
+            "count": len(self._images),
+        }
+        if self.labelled:
+            labels = np.array(self._labels, np.int32)  # [n]
+            entry["labels"] = self._save(f"labels-{name}.npy", labels)
+        self.shards.append(entry)
+        self._images.clear()
+        self._labels.clear()
 
+    def _save(self, name: str, array) -> str:
+        self.written.append(self.output / name)  # before: a cut file is removed too
+        np.save(self.output / name, array)
+        return name
 
-def _write_shards(
-    source,
-    output,
-    all_labels,
-    class_names,
-    shard_size,
-    workers,
-    skip_bad,
-    allow_upscale,
-    background,
-    progress,
-    written,
-) -> dict:
-    skipped, upscaled, shards, files, buffer, buffer_labels = [], [], [], [], [], []
-
-    def save(name, array):
-        written.append(output / name)
-        np.save(output / name, array)
-
-    def flush():
-        name = f"{len(shards):05d}"
-        save(f"images-{name}.npy", np.stack(buffer))  # [n, S, S, 3]
-        entry = {"images": f"images-{name}.npy", "count": len(buffer)}
-        if all_labels is not None:
-            save(f"labels-{name}.npy", np.array(buffer_labels, np.int32))  # [n]
-            entry["labels"] = f"labels-{name}.npy"
-        shards.append(entry)
-        buffer.clear()
-        buffer_labels.clear()
-
-    decoded = _decode_checked(
-        source.paths, source.size, background, workers, skip_bad, skipped, upscaled
-    )
-    if progress:
-        from tqdm.auto import tqdm
-
-        decoded = tqdm(
-            decoded,
-            total=len(source.paths),
-            desc=f"preparing {output.name}",
-            unit="img",
-        )
-    for index, image in decoded:
-        if upscaled and not allow_upscale:
-            raise ValueError(
-                f"{upscaled[0]}: smaller than {source.size}×{source.size} (its short "
-                "side would be enlarged); leave it out, or allow enlarging (drop "
-                "--no-upscale)"
-            )
-        buffer.append(image)
-        files.append(source.paths[index].relative_to(source.folder).as_posix())
-        if all_labels is not None:
-            buffer_labels.append(all_labels[index])
-        if len(buffer) == shard_size:
-            flush()
-    if buffer:
-        flush()
-    _report_skipped(source.folder, skipped, len(source.paths))
-    if upscaled:
-        _logger.warning(
-            "%s: %d of %d images are smaller than %d×%d and were enlarged (bicubic), "
-            "first %s",
-            source.folder,
-            len(upscaled),
-            len(files),
-            source.size,
-            source.size,
-            upscaled[0],
-        )
-    manifest = {
-        "format": SHARDS_FORMAT,
-        "source": str(source.folder),
-        "resolution": source.resolution,
-        "crop_fraction": source.crop_fraction,
-        "size": source.size,
-        "count": len(files),
-        "shards": shards,
-        "class_names": class_names,
-        "skipped": skipped,
-        "upscaled": len(upscaled),
-        "files": files,
-        "resize": "centre square of the short side; PIL Lanczos when shrinking, "
-        "bicubic when enlarging",
-    }
-    written.append(output / "files.txt")
-    (output / "files.txt").write_text("\n".join(files) + "\n")
-    manifest_text = json.dumps(
-        {k: v for k, v in manifest.items() if k != "files"}, indent=1
-    )
-    written.append(output / "manifest.json.tmp")
-    (output / "manifest.json.tmp").write_text(manifest_text)
-    written.append(output / "manifest.json")
-    # written last, atomically: the folder is complete
-    os.replace(output / "manifest.json.tmp", output / "manifest.json")
-    return manifest
-
-
-def read_label_file(path) -> dict:
-    """File stem -> class name, from a CSV or whitespace-separated text file: one image
-    per line, its name (with or without extension) first, then its class
-    (the first word of the second field). A header line is skipped.
-
-    Reads ImageNet's `LOC_val_solution.csv`
-    (`ImageId,PredictionString`, whose string starts with the synset) and plain
-    `ILSVRC2012_val_00000001.JPEG n01751748` lists alike.
-    """
-    label_of = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        fields = line.split(",", 1) if "," in line else line.split(None, 1)
-        if len(fields) < 2 or not fields[1].split():
-            if line.strip():
-                raise ValueError(
-                    f"{path}, line {number}: expected 'name,class' or 'name class', "
-                    f"got {line!r}"
-                )
-            continue
-        name, label = fields[0].strip(), fields[1].split()[0]
-        if number == 1 and name.lower() in (
-            "imageid",
-            "image",
-            "filename",
-            "file",
-            "name",
-        ):
-            continue  # header
-        label_of[Path(name).stem] = label
-    return label_of
-
-
+# %% ../notebooks/11a_data.ipynb #shard-reader
 class ShardedArraySource:
     """Grain source over prepared shards: element i is uint8 [S, S, 3], or
     {"image", "label"} with labels.
@@ -832,7 +628,206 @@ class ShardedArraySource:
             f"size {self.size})"
         )
 
+# %% ../notebooks/11a_data.ipynb #shard-labels
+def read_label_file(path) -> dict:
+    """File stem -> class name, from a CSV or whitespace-separated text file: one image
+    per line, its name (with or without extension) first, then its class
+    (the first word of the second field). A header line is skipped.
 
+    Reads ImageNet's `LOC_val_solution.csv`
+    (`ImageId,PredictionString`, whose string starts with the synset) and plain
+    `ILSVRC2012_val_00000001.JPEG n01751748` lists alike.
+    """
+    label_of = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        fields = line.split(",", 1) if "," in line else line.split(None, 1)
+        if len(fields) < 2 or not fields[1].split():
+            if line.strip():
+                raise ValueError(
+                    f"{path}, line {number}: expected 'name,class' or 'name class', "
+                    f"got {line!r}"
+                )
+            continue
+        name, label = fields[0].strip(), fields[1].split()[0]
+        if number == 1 and name.lower() in (
+            "imageid",
+            "image",
+            "filename",
+            "file",
+            "name",
+        ):
+            continue  # header
+        label_of[Path(name).stem] = label
+    return label_of
+
+
+def _labelled_source(
+    folder, resolution, crop_fraction, labels, class_names, label_of, background
+):
+    """(`ImageFolder`, labels [N] or None, class names or None) for
+    `prepare_image_folder`'s `labels`: None, "subfolders" or "mapping"."""
+    if labels != "mapping":
+        source = ImageFolder(
+            folder,
+            resolution,
+            crop_fraction=crop_fraction,
+            labels=labels,
+            class_names=class_names,
+            background=background,
+        )
+        return source, source.labels, source.class_names
+    if label_of is None or class_names is None:
+        raise ValueError(
+            "labels='mapping' needs label_of (file stem -> class name) and class_names"
+        )
+    source = ImageFolder(
+        folder, resolution, crop_fraction=crop_fraction, background=background
+    )
+    index = {name: i for i, name in enumerate(class_names)}
+    missing = [path for path in source.paths if label_of.get(path.stem) not in index]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} images have no known label, first {missing[0]}"
+        )
+    return source, [index[label_of[path.stem]] for path in source.paths], class_names
+
+# %% ../notebooks/11a_data.ipynb #shard-prepare
+def prepare_image_folder(
+    folder,
+    output,
+    resolution: int,
+    *,
+    crop_fraction: float = 1.0,
+    labels: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+    label_of: Optional[dict] = None,
+    shard_size: int = 4096,
+    workers: int = 0,
+    skip_bad: bool = False,
+    allow_upscale: bool = True,
+    background: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Decode the images under `folder` once into `.npy` shards in the new folder
+    `output`; returns the manifest.
+
+    Shards: `images-KKKKK.npy` uint8 [n, S, S, 3]
+    (S = storage_size(resolution, crop_fraction)) and, with labels, `labels-KKKKK.npy`
+    int32 [n]. labels: None; "subfolders"
+    (first-level folder name -> index in `class_names`, sorted names by default); or
+    "mapping": `label_of` maps a file's stem (name without extension) to a class name in
+    `class_names`. workers > 0 decodes in that many processes. Bad files raise
+    `BadImageError`, or with `skip_bad` are left out and listed in the manifest. Images
+    smaller than S are enlarged with a warning, or refused (`allow_upscale=False`).
+    Every argument is checked before anything is written, and a preparation that fails
+    removes what it wrote: `output` is either complete (its manifest.json written last)
+    or as it was.
+    """
+    output = Path(output)
+    resolution = check_resolution(resolution)
+    storage_size(resolution, crop_fraction)  # checks crop_fraction
+    if (
+        isinstance(shard_size, bool)
+        or not isinstance(shard_size, int)
+        or shard_size < 1
+    ):
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} exists and is not a folder")
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"output folder {output} exists and is not empty")
+    source, all_labels, class_names = _labelled_source(
+        folder, resolution, crop_fraction, labels, class_names, label_of, background
+    )
+    skipped, upscaled, files = [], [], []
+    decoded = _decode_checked(
+        source.paths, source.size, background, workers, skip_bad, skipped, upscaled
+    )
+    if progress:
+        from tqdm.auto import tqdm
+
+        decoded = tqdm(
+            decoded,
+            total=len(source.paths),
+            desc=f"preparing {output.name}",
+            unit="img",
+        )
+    with _removed_on_failure(output) as written:
+        writer = _ShardWriter(output, shard_size, all_labels is not None, written)
+        for index, image in decoded:
+            if upscaled and not allow_upscale:
+                raise ValueError(
+                    f"{upscaled[0]}: smaller than {source.size}×{source.size} (its "
+                    "short side would be enlarged); leave it out, or allow enlarging "
+                    "(drop --no-upscale)"
+                )
+            writer.add(image, None if all_labels is None else all_labels[index])
+            files.append(source.paths[index].relative_to(source.folder).as_posix())
+        writer.flush()
+        _report_skipped(source.folder, skipped, len(source.paths))
+        if upscaled:
+            _logger.warning(
+                "%s: %d of %d images are smaller than %d×%d and were enlarged "
+                "(bicubic), first %s",
+                source.folder,
+                len(upscaled),
+                len(files),
+                source.size,
+                source.size,
+                upscaled[0],
+            )
+        manifest = {
+            "format": SHARDS_FORMAT,
+            "source": str(source.folder),
+            "resolution": source.resolution,
+            "crop_fraction": source.crop_fraction,
+            "size": source.size,
+            "count": len(files),
+            "shards": writer.shards,
+            "class_names": class_names,
+            "skipped": skipped,
+            "upscaled": len(upscaled),
+            "files": files,
+            "resize": "centre square of the short side; PIL Lanczos when shrinking, "
+            "bicubic when enlarging",
+        }
+        _write_manifest(output, manifest, written)
+    return manifest
+
+# %% ../notebooks/11a_data.ipynb #shard-atomic
+@contextlib.contextmanager
+def _removed_on_failure(output: Path):
+    """Make the folder `output` and yield a list for the paths written into it; if the
+    block raises, remove them, and the folder if this made it, and re-raise."""
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:  # only what this call wrote: the folder was empty or new
+            path.unlink(missing_ok=True)
+        if created:
+            output.rmdir()
+        raise
+
+
+def _write_manifest(output: Path, manifest: dict, written: list) -> None:
+    """`files.txt` (the manifest's "files", one a line), then `manifest.json` (the
+    rest), written last and atomically: a folder that has one is complete."""
+    written.append(output / "files.txt")
+    (output / "files.txt").write_text("\n".join(manifest["files"]) + "\n")
+    manifest_text = json.dumps(
+        {k: v for k, v in manifest.items() if k != "files"}, indent=1
+    )
+    written.append(output / "manifest.json.tmp")
+    (output / "manifest.json.tmp").write_text(manifest_text)
+    written.append(output / "manifest.json")
+    os.replace(output / "manifest.json.tmp", output / "manifest.json")
+
+# %% ../notebooks/11a_data.ipynb #shard-door
 def prepare_command(folder, resolution: int, crop_fraction: float = 1.0) -> str:
     """The `hitlib prepare` command that turns the image folder `folder` into shards for
     `resolution`."""
@@ -894,13 +889,29 @@ def open_training_data(
         )
     return source
 
+# %% ../notebooks/11a_data.ipynb #npz
+def save_npz_reproducibly(path, arrays: dict) -> None:
+    """Like np.savez_compressed, with fixed member order and timestamps: equal arrays
+    give an identical file."""
+    with zipfile.ZipFile(
+        path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9
+    ) as archive:
+        for name in sorted(arrays):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(
+                buffer, np.asarray(arrays[name]), allow_pickle=False
+            )
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, buffer.getvalue(), compresslevel=9)
+
 # %% ../notebooks/11a_data.ipynb #6c4a2b64
 def shuffle_seed(seed: int) -> int:
     """The seed handed to Grain's shuffle: a hash of `seed`, so that runs with seeds s
     and s + 1 share no permutations."""
     return int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0])
 
-
+# %% ../notebooks/11a_data.ipynb #pipe-crop
 def _split(element):
     "An element -> (image array, label or None)."
     if isinstance(element, dict):
@@ -908,11 +919,12 @@ def _split(element):
     return element, None
 
 
-def augment(
+def crop_and_flip(
     element,
     index: int,
     seed: int,
     resolution: int,
+    *,
     train: bool = True,
     flip: bool = True,
 ):
@@ -945,7 +957,7 @@ def augment(
     image = to_float(image) if image.dtype == np.uint8 else np.array(image, np.float32)
     return image if label is None else {"image": image, "label": np.int32(label)}
 
-
+# %% ../notebooks/11a_data.ipynb #pipe-dataset
 def make_dataset(
     source,
     batch_size: int,
@@ -999,7 +1011,9 @@ def make_dataset(
         dataset = dataset.shuffle(seed=shuffle_seed(seed)).repeat()
 
         def transform(index, element):
-            return augment(element, index, seed, resolution, train=True, flip=flip)
+            return crop_and_flip(
+                element, index, seed, resolution, train=True, flip=flip
+            )
 
         dataset = dataset.map_with_index(transform).batch(
             local_batch, drop_remainder=True
@@ -1007,10 +1021,10 @@ def make_dataset(
         return dataset[process_index::process_count]
     dataset = dataset[process_index::process_count]
     return dataset.map(
-        lambda element: augment(element, 0, seed, resolution, train=False)
+        lambda element: crop_and_flip(element, 0, seed, resolution, train=False)
     ).batch(local_batch)
 
-
+# %% ../notebooks/11a_data.ipynb #pipe-read
 def batch_at(dataset, step: int):
     """The batch of step `step` (this process's part): `dataset[step]`, the same whether
     or not the run was resumed."""

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['softplus', 'discriminator_loss', 'generator_loss', 'r1_penalty_from_gradients', 'input_gradient', 'r1_penalty',
            'sample_augment_params', 'adjust_brightness', 'adjust_saturation', 'adjust_contrast', 'translate',
-           'cutout_mask', 'cutout', 'flip_horizontal', 'apply_augment', 'augment', 'random_flip', 'consistency_loss',
+           'cutout_mask', 'cutout', 'flip_horizontal', 'apply_augment', 'augment', 'consistency_loss',
            'bcr_loss_from_logits', 'bcr_loss']
 
 # %% ../notebooks/10b_losses_jax.ipynb #1fe35046
@@ -204,13 +204,6 @@ def augment(x, key, policy: str = DEFAULT_POLICY):
     return apply_augment(
         x, sample_augment_params(key, batch, height, width, policy), policy
     )
-
-
-def random_flip(x, key):
-    """Random horizontal flips with probability 1/2 per image
-    (the data augmentation of real images): [B, H, W, C]."""
-    check_rank(x.shape, 4, "x", "[B, H, W, C]")
-    return flip_horizontal(x, jax.random.bernoulli(key, 0.5, (x.shape[0],)))
 
 # %% ../notebooks/10b_losses_jax.ipynb #a6db245c
 def consistency_loss(logits, augmented_logits):

@@ -350,8 +350,9 @@ def test_shards_with_workers_and_skipped_files(folder, tmp_path):
     add_bad_files(folder)
     with pytest.raises(data.BadImageError, match="text.png"):
         data.prepare_image_folder(folder, tmp_path / "strict", 10)
+    assert not (tmp_path / "strict").exists()  # the failed preparation took back what it wrote
     with pytest.raises(ValueError, match="no manifest.json"):
-        data.ShardedArraySource(tmp_path / "strict")  # the interrupted preparation is not readable
+        data.ShardedArraySource(tmp_path / "strict")
     serial = data.prepare_image_folder(folder, tmp_path / "serial", 10, skip_bad=True, shard_size=3)
     parallel = data.prepare_image_folder(folder, tmp_path / "parallel", 10, skip_bad=True, shard_size=3, workers=2)
     assert serial["count"] == parallel["count"] == 6 and len(parallel["skipped"]) == 2
@@ -484,6 +485,47 @@ def test_flips_are_mirrors_about_half_the_time(tagged):
     assert 0.4 < flipped / total < 0.6  # 400 fair coins: outside this range with probability < 1e-4
     no_flip = data.make_dataset(source, 16, 11, flip=False)[0]
     np.testing.assert_array_equal(no_flip["image"], data.to_float(images[no_flip["label"]]))
+
+
+def test_failed_preparation_leaves_the_output_as_it_was(folder, tmp_path, monkeypatch):
+    "An interrupt in the middle of writing the second shard removes both shards; an existing folder stays."
+    real_save, saved = np.save, []
+
+    def interrupted(path, array):
+        saved.append(Path(path).name)
+        if len(saved) == 3:  # images-00001.npy: cut short, then interrupted
+            Path(path).write_bytes(b"cut")
+            raise KeyboardInterrupt
+        real_save(path, array)
+
+    monkeypatch.setattr(np, "save", interrupted)
+    (tmp_path / "existing").mkdir()
+    for output in (tmp_path / "new" / "shards", tmp_path / "existing"):
+        saved.clear()
+        with pytest.raises(KeyboardInterrupt):
+            data.prepare_image_folder(folder, output, 8, labels="subfolders", shard_size=2)
+        assert saved == ["images-00000.npy", "labels-00000.npy", "images-00001.npy"]
+        assert (output.exists(), list(output.iterdir()) if output.exists() else []) == (
+            output.name == "existing", [])
+    monkeypatch.setattr(np, "save", real_save)
+    data.prepare_image_folder(folder, tmp_path / "existing", 8)  # an empty folder may be prepared into
+
+
+def test_crop_and_flip_one_element():
+    "The pipeline's crop + flip + scale of one real image (not chapter 10's DiffAugment `augment`)."
+    image = np.arange(6 * 6 * 3, dtype=np.uint8).reshape(6, 6, 3)
+    centre = data.crop_and_flip({"image": image, "label": 3}, 0, 0, 4, train=False)
+    np.testing.assert_array_equal(centre["image"], data.to_float(image[1:5, 1:5]))
+    assert centre["label"] == 3 and centre["label"].dtype == np.int32
+    draws = [data.crop_and_flip(image, index, 5, 4) for index in range(40)]
+    windows = [data.to_float(image[t:t + 4, l:l + 4]) for t in range(3) for l in range(3)]
+    mirrored = [np.any([np.array_equal(d, w[:, ::-1]) for w in windows]) for d in draws]
+    assert all(np.any([np.array_equal(d, w) for w in windows]) or m for d, m in zip(draws, mirrored))
+    assert 0 < sum(mirrored) < 40
+    np.testing.assert_array_equal(data.crop_and_flip(image, 7, 5, 4), draws[7])  # (seed, index) fixes the draw
+    with pytest.raises(TypeError):
+        data.crop_and_flip(image, 0, 0, 4, False)  # train and flip are keywords
+    assert not hasattr(data, "augment")  # one meaning per name: `augment` is DiffAugment's (hitlib.losses)
 
 
 def test_random_crops_are_windows_of_the_image(rng):

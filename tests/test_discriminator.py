@@ -275,6 +275,34 @@ def test_flax_module_jit_and_grads_in_functional_form():
     assert out.shape == (2,)
 
 
+def _he_init(scale):
+    return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal")
+
+
+def test_layers_hold_nnx_layouts_and_draw_one_key_each():
+    """`Conv` and `Dense` hold the leaves of nnx.Conv and nnx.Linear (a checkpoint loads into either), and each layer
+    draws one key, its kernel's (NNX's draw one for the bias too): a seed gives the weights it always gave. Chapter 9b
+    says why they are not NNX's layers."""
+    pairs = [(lambda r: disc.Dense(12, 5, rngs=r), lambda r: nnx.Linear(12, 5, kernel_init=_he_init(2.0), rngs=r)),
+             (lambda r: disc.Conv(3, 4, 6, rngs=r),
+              lambda r: nnx.Conv(4, 6, (3, 3), kernel_init=_he_init(2.0), rngs=r)),
+             (lambda r: disc.Conv(1, 4, 6, scale=1.0, use_bias=False, rngs=r),
+              lambda r: nnx.Conv(4, 6, (1, 1), use_bias=False, kernel_init=_he_init(1.0), rngs=r))]
+    for ours, theirs in pairs:
+        a, b = (nnx.to_pure_dict(nnx.state(make(nnx.Rngs(0)), nnx.Param)) for make in (ours, theirs))
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    model = disc.Discriminator(16, max_channels=8, rngs=nnx.Rngs(3))
+    layers = [(model.from_rgb, 2.0)]
+    for block in model.blocks:
+        layers += [(block.conv1, 2.0), (block.conv2, 2.0), (block.skip, 1.0)]
+    layers += [(model.head.conv, 2.0), (model.head.dense, 2.0), (model.head.out, 1.0)]
+    keys = nnx.Rngs(3)
+    for layer, scale in layers:  # in the order they are built, one key each
+        expected = _he_init(scale)(keys.params(), layer.kernel.shape, jnp.float32)
+        np.testing.assert_array_equal(layer.kernel[...], expected)
+
+
 def test_flax_initialisation_scale():
     params = disc.discriminator_params(disc.Discriminator(32, 2, max_channels=32, rngs=nnx.Rngs(0)))
     for kernel, scale in [(params["blocks"][0]["conv1"]["kernel"], 2.0), (params["blocks"][1]["skip"]["kernel"], 1.0),

@@ -259,9 +259,9 @@ def test_flip(module):
     np.testing.assert_array_equal(np.asarray(module.flip_horizontal(xp.asarray(y), xp.asarray([True, False, True]))), x)
 
 
-def test_random_flip_flips_whole_images():
+def test_flip_policy_flips_whole_images_half_the_time():
     x = _rng(11).uniform(-1, 1, (64, 4, 5, 3)).astype(np.float32)
-    y = np.asarray(losses.random_flip(jnp.asarray(x), jax.random.key(0)))
+    y = np.asarray(losses.augment(jnp.asarray(x), jax.random.key(0), "flip"))
     flipped = [np.array_equal(a, b[:, ::-1]) for a, b in zip(y, x)]
     kept = [np.array_equal(a, b) for a, b in zip(y, x)]
     assert all(f or k for f, k in zip(flipped, kept))

@@ -7,7 +7,7 @@ deviation — in NumPy with naive-loop twins (chapter 9a)."""
 # %% auto #0
 __all__ = ['DOWNSAMPLE_KINDS', 'BLUR_TAPS', 'DiscriminatorConfig', 'same_padding', 'check_conv', 'conv2d', 'conv2d_loops',
            'blur_filter', 'check_even', 'blur_pool', 'blur_pool_loops', 'avg_pool', 'avg_pool_loops', 'downsample',
-           'leaky_relu', 'dense', 'residual_block', 'check_minibatch_std', 'minibatch_stddev', 'minibatch_stddev_loops',
+           'leaky_relu', 'residual_block', 'check_minibatch_std', 'minibatch_stddev', 'minibatch_stddev_loops',
            'variance_scaling', 'init_conv', 'init_dense', 'init_discriminator_params', 'count_parameters',
            'check_images', 'discriminator_head', 'discriminator', 'parameter_count']
 
@@ -19,6 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .blocking import check_rank
+from .layers import dense
 
 # %% ../../notebooks/09a_discriminator_numpy.ipynb #1b442b63
 DOWNSAMPLE_KINDS = ("blur", "avg")
@@ -238,11 +239,6 @@ def leaky_relu(x, negative_slope: float = 0.2):
     """max(x, slope·x) elementwise: LeakyReLU(0.2) after every convolution and hidden
     dense layer."""
     return np.where(x >= 0, x, negative_slope * x).astype(x.dtype)
-
-
-def dense(x, params):
-    "x [..., C_in] @ kernel [C_in, C_out] + bias [C_out] -> [..., C_out]."
-    return x @ params["kernel"].astype(x.dtype) + params["bias"].astype(x.dtype)
 
 
 def residual_block(x, params, downsample_kind: str = "blur"):
