@@ -83,10 +83,13 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return images.astype(np.float32) / 127.5 - 1.0
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [...] in [-1, 1] -> uint8 [...], rounded, values outside the range clipped
-    (for display and files)."""
-    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+def to_uint8(images):
+    """float [...] in [-1, 1] -> uint8 [...], rounded half to even, values outside the
+    range clipped: for display and files, and chapter 12's evaluation protocol.
+
+    Written with the array's own methods, so a NumPy array stays on the host and a JAX
+    array on its device (where the evaluation's Inception network reads it)."""
+    return ((images.clip(-1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
 
 
 def check_resolution(resolution, name: str = "resolution") -> int:

@@ -6,14 +6,13 @@ fid's weights, and the metrics of chapter 12a in JAX (chapter 12b)."""
 # %% auto #0
 __all__ = ['PRECISION', 'BN_EPSILON', 'NUM_CLASSES', 'POOL_FEATURES', 'WEIGHTS_FILE_NAME', 'WEIGHTS_ENV', 'DEFAULT_WEIGHTS_PATH',
            'HOW_TO_GET_WEIGHTS', 'feature_statistics', 'sqrtm_psd', 'frechet_distance', 'inception_score',
-           'polynomial_kernel', 'mmd2_unbiased', 'kernel_inception_distance', 'bilinear_resize_matrix',
-           'resize_bilinear', 'preprocess_images', 'conv_bn_relu', 'max_pool', 'avg_pool_same', 'inception_a',
-           'inception_b', 'inception_c', 'inception_d', 'inception_e', 'check_network_input', 'inception_v3',
-           'ConvKernel', 'BatchNorm', 'BasicConv', 'Dense', 'InceptionA', 'InceptionB', 'InceptionC', 'InceptionD',
-           'InceptionE', 'InceptionV3', 'inception_v3_uint8', 'inception_weight_shapes', 'check_weights',
-           'inception_from_weights', 'random_inception_v3', 'inception_features', 'reference_statistics',
-           'torch_to_flax_weights', 'load_inception_params', 'save_inception_weights', 'resolve_weights_path',
-           'load_inception_weights']
+           'polynomial_kernel', 'mmd2_unbiased', 'kernel_inception_distance', 'resize_bilinear', 'preprocess_images',
+           'conv_bn_relu', 'max_pool', 'avg_pool_same', 'inception_a', 'inception_b', 'inception_c', 'inception_d',
+           'inception_e', 'check_network_input', 'inception_v3', 'ConvKernel', 'BasicConv', 'InceptionA', 'InceptionB',
+           'InceptionC', 'InceptionD', 'InceptionE', 'InceptionV3', 'inception_v3_uint8', 'inception_weight_shapes',
+           'check_weights', 'inception_from_weights', 'random_inception_v3', 'inception_features',
+           'reference_statistics', 'torch_to_flax_weights', 'load_inception_params', 'save_inception_weights',
+           'resolve_weights_path', 'load_inception_weights']
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #49230daa
 import os
@@ -30,6 +29,7 @@ from hitlib.reference.metrics import (
     INCEPTION_SIZE,
     check_features,
     check_images,
+    check_int,
     check_same_width,
     check_splits,
     check_statistics,
@@ -151,33 +151,18 @@ def kernel_inception_distance(
     return values.mean(), values.std()
 
 # %% ../notebooks/12b_evaluation_jax.ipynb #ef0ecb88
-def bilinear_resize_matrix(in_size: int, out_size: int):
-    """R [out_size, in_size] (float32): PyTorch's bilinear interpolation,
-    align_corners=False, no antialiasing."""
-    # [out]
-    source = jnp.maximum(
-        (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * (in_size / out_size) - 0.5,
-        0.0,
-    )
-    low = jnp.minimum(jnp.floor(source).astype(jnp.int32), in_size - 1)  # [out]
-    high = jnp.minimum(low + 1, in_size - 1)
-    frac = source - low
-    return (
-        jax.nn.one_hot(low, in_size) * (1 - frac)[:, None]
-        + jax.nn.one_hot(high, in_size) * frac[:, None]
-    )  # [out, in]
-
-
 def resize_bilinear(images, height: int, width: int):
-    """As F.interpolate(mode='bilinear', align_corners=False): [N, H, W, C] ->
-    [N, height, width, C]."""
+    """As F.interpolate(mode='bilinear', align_corners=False), no antialiasing:
+    [N, H, W, C] -> [N, height, width, C]."""
     check_rank(images.shape, 4, "images", "[N, H, W, C]")
-    rows = bilinear_resize_matrix(images.shape[1], height)  # [height, H]
-    cols = bilinear_resize_matrix(images.shape[2], width)  # [width, W]
-    # [N, height, W, C]
-    out = jnp.einsum("yh,nhwc->nywc", rows, images, precision=PRECISION)
-    # [N, height, width, C]
-    return jnp.einsum("xw,nywc->nyxc", cols, out, precision=PRECISION)
+    batch, _, _, channels = images.shape
+    return jax.image.resize(
+        images,
+        (batch, height, width, channels),
+        "bilinear",
+        antialias=False,  # the default (True) widens the kernel when downsampling
+        precision=PRECISION,
+    )
 
 
 def preprocess_images(images, size: int = INCEPTION_SIZE):
@@ -384,17 +369,6 @@ class ConvKernel(nnx.Module):
         self.kernel = nnx.Param(_he_normal()(rngs.params(), shape, jnp.float32))
 
 
-class BatchNorm(nnx.Module):
-    """Inference-mode batch norm: scale, bias [C] (Param), running mean, var [C]
-    (BatchStat)."""
-
-    def __init__(self, features: int):
-        self.scale = nnx.Param(jnp.ones((features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((features,), jnp.float32))
-
-
 class BasicConv(nnx.Module):
     """torchvision's BasicConv2d: `conv` (no bias) and `bn`; stride and padding are the
     caller's (see `inception_a`...)."""
@@ -408,18 +382,10 @@ class BasicConv(nnx.Module):
             else tuple(kernel_size)
         )
         self.conv = ConvKernel(in_features, out_features, kernel_size, rngs=rngs)
-        self.bn = BatchNorm(out_features)
-
-
-class Dense(nnx.Module):
-    "kernel [C_in, C_out], bias [C_out]."
-
-    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = nnx.Param(
-            init(rngs.params(), (in_features, out_features), jnp.float32)
+        # scale, bias [C] (Param); running mean, var [C] (BatchStat)
+        self.bn = nnx.BatchNorm(
+            out_features, use_running_average=True, epsilon=BN_EPSILON, rngs=rngs
         )
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
 
 class InceptionA(nnx.Module):
@@ -500,7 +466,8 @@ class InceptionV3(nnx.Module):
         self.Mixed_7a = InceptionD(768, rngs=rngs)
         self.Mixed_7b = InceptionE(1280, rngs=rngs)
         self.Mixed_7c = InceptionE(2048, rngs=rngs)
-        self.fc = Dense(POOL_FEATURES, NUM_CLASSES, rngs=rngs)
+        # kernel [2048, 1008], bias [1008]
+        self.fc = nnx.Linear(POOL_FEATURES, NUM_CLASSES, precision=PRECISION, rngs=rngs)
 
     def as_params(self) -> dict:
         """The weights as the nested dict `inception_v3` takes
@@ -552,21 +519,28 @@ def inception_weight_shapes() -> dict:
     }
 
 
+def _check_keys(expected, given, source: str, hint: str = ""):
+    """Raise `ValueError` naming the first (sorted) key of `expected` missing from
+    `given`, or of `given` not in `expected`; `hint` ends the message."""
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise ValueError(
+            f"{source}: missing key {missing[0]!r} ({len(missing)} missing of "
+            f"{len(expected)}){hint}"
+        )
+    unexpected = sorted(set(given) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} "
+            f"unexpected){hint}"
+        )
+
+
 def check_weights(flat: dict, source: str):
     """Raise `ValueError` naming the first key of `flat` that is missing, unexpected or
     of the wrong shape."""
     expected = inception_weight_shapes()
-    missing = sorted(set(expected) - set(flat))
-    if missing:
-        raise ValueError(
-            f"{source}: missing key {missing[0]!r} ({len(missing)} missing of "
-            f"{len(expected)})"
-        )
-    unexpected = sorted(set(flat) - set(expected))
-    if unexpected:
-        raise ValueError(
-            f"{source}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)"
-        )
+    _check_keys(expected, flat, source)
     for name, shape in expected.items():
         if tuple(np.shape(flat[name])) != shape:
             raise ValueError(
@@ -630,8 +604,7 @@ def inception_features(
     """
     check_images(np.shape(images_uint8))
     check_uint8(images_uint8.dtype)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     num_images = images_uint8.shape[0]
     params = model.as_params()
     pools, logits = [], []
@@ -708,20 +681,13 @@ def torch_to_flax_weights(state_dict) -> dict:
     state_dict = {
         k: v for k, v in state_dict.items() if not k.endswith(".num_batches_tracked")
     }
-    expected = inception_weight_shapes()
-    torch_names = {_torch_name(name): name for name in expected}
-    missing = [t for t in torch_names if t not in state_dict]
-    if missing:
-        raise ValueError(
-            f"state_dict: missing key {missing[0]!r} ({len(missing)} missing of "
-            f"{len(torch_names)}); is this pytorch-fid's {WEIGHTS_FILE_NAME}?"
-        )
-    unexpected = sorted(set(state_dict) - set(torch_names))
-    if unexpected:
-        raise ValueError(
-            f"state_dict: unexpected key {unexpected[0]!r} ({len(unexpected)} "
-            f"unexpected); is this pytorch-fid's {WEIGHTS_FILE_NAME}?"
-        )
+    torch_names = {_torch_name(name): name for name in inception_weight_shapes()}
+    _check_keys(
+        torch_names,
+        state_dict,
+        "state_dict",
+        f"; is this pytorch-fid's {WEIGHTS_FILE_NAME}?",
+    )
     flat = {}
     for torch_name, name in torch_names.items():
         value = np.asarray(state_dict[torch_name], np.float32)
@@ -749,15 +715,41 @@ def load_inception_params(
     return model
 
 
+def _write_npz(path, arrays: dict) -> Path:
+    """Write {name: array} as an uncompressed `.npz` at `path` (~ expanded, folders
+    made); returns the path."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a file object: np.savez appends no '.npz' to the name
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+    return path
+
+
+def _read_npz(path, what: str, how_to_get: str) -> dict:
+    """{name: array} of a `.npz` of plain arrays (allow_pickle=False).
+
+    `FileNotFoundError` when there is no file and `ValueError` when it is not a
+    readable `.npz`, both naming the file and ending in `how_to_get`.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}. {how_to_get}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    # not a zip, truncated, or an object array needing pickle
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(
+            f"{path} is not a readable .npz of plain arrays ({error}). {how_to_get}"
+        ) from error
+
+
 def save_inception_weights(path, flat: dict):
     """Write a checked flat weights dict as an uncompressed `.npz`
     (plain arrays, no pickle)."""
     check_weights(flat, str(path))
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as file:
-        np.savez(file, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-    return path
+    return _write_npz(path, {k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def resolve_weights_path(path=None) -> Path:
@@ -777,15 +769,5 @@ def load_inception_weights(path=None) -> InceptionV3:
     foreign file.
     """
     path = resolve_weights_path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no Inception weights at {path}. {HOW_TO_GET_WEIGHTS}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            flat = {name: archive[name] for name in archive.files}
-    # not a zip, truncated, or an object array needing pickle
-    except (OSError, ValueError, EOFError) as error:
-        raise ValueError(
-            f"{path} is not a readable .npz of plain arrays ({error}). "
-            f"{HOW_TO_GET_WEIGHTS}"
-        ) from error
+    flat = _read_npz(path, "Inception weights", HOW_TO_GET_WEIGHTS)
     return inception_from_weights(flat, str(path))

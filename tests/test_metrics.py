@@ -96,14 +96,33 @@ def test_kid_matches_loops_and_is_unbiased_on_average():
     assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
 
 
-def test_quantize_rounds_and_clips_like_the_data_module():
-    images = np.random.default_rng(3).uniform(-1.2, 1.2, (3, 9, 9, 3)).astype(np.float32)
-    levels = ref.quantize_images(images)
+def test_the_protocol_quantises_with_to_uint8():
+    """Chapter 12a's quantisation is `data.to_uint8` (one function, also used by `evaluate_generator`): exact
+    rounding of the clipped values up to float32 ties, clipping, and the same levels for a NumPy or a JAX array."""
+    images = np.random.default_rng(3).uniform(-1.2, 1.2, (8, 16, 16, 3)).astype(np.float32)
+    exact = np.round((np.clip(images.astype(np.float64), -1, 1) + 1) * 127.5)  # written independently, float64
+    levels = data.to_uint8(images)
     assert levels.dtype == np.uint8
-    np.testing.assert_array_equal(levels, data.to_uint8(images))
+    # float32 arithmetic: one level off only within ~1e-5 of a rounding tie
+    assert np.abs(levels - exact).max() <= 1 and (levels != exact).mean() < 1e-3
     inside = np.abs(images) <= 1
     assert np.abs(levels / 127.5 - 1 - images)[inside].max() <= 1 / 255 + 1e-7  # half a level
     assert levels[images > 1].min() == 255 and levels[images < -1].max() == 0  # clipped, never wrapped
+    from_device = np.asarray(data.to_uint8(jnp.asarray(images)))  # a generator's output
+    assert from_device.dtype == np.uint8
+    np.testing.assert_array_equal(from_device, levels)
+
+
+@pytest.mark.parametrize("value, minimum, error", [
+    (3, 1, None), (np.int64(2), 2, None), (0, 1, "n must be an integer >= 1, got 0"),
+    (1, 2, "n must be an integer >= 2, got 1"), (True, 1, "got True"), (2.0, 1, "got 2.0"), ("4", 1, "got '4'"),
+])
+def test_check_int_is_the_one_integer_check(value, minimum, error):
+    if error is None:
+        assert ref.check_int(value, "n", minimum) == value and type(ref.check_int(value, "n", minimum)) is int
+    else:
+        with pytest.raises(ValueError, match=error):
+            ref.check_int(value, "n", minimum)
 
 
 @settings(max_examples=10)
@@ -119,6 +138,7 @@ def test_resize_matches_loops(in_h, in_w, out_h, out_w, seed):
     (lambda: ref.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), "same feature width"),
     (lambda: ref.inception_score(np.zeros((5, 10)), 6), "num_splits must be an integer in [1, N=5]"),
     (lambda: ref.preprocess_images(np.zeros((1, 8, 8, 3), np.float32)), "must be uint8"),
+    (lambda: ref.kid_subset_indices(10, 10, num_subsets=0, subset_size=5), "num_subsets must be an integer >= 1"),
 ])
 def test_bad_input_names_the_problem(call, message):
     with pytest.raises(ValueError) as error:

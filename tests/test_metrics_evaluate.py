@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hitlib import evaluate, inception
+from hitlib import data, evaluate, inception
 from hitlib.reference import metrics as ref
 from hitlib.sampling import sample_latents
 from helpers import run_python
@@ -77,15 +77,6 @@ def test_low_rank_frechet_distance_equals_the_two_eigh_route(num_samples, dim, s
     # of a singular covariance costs it about 1e-8 of the traces (chapter 12a)
 
 
-def test_quantize_generated_is_the_protocol():
-    images = np.random.default_rng(7).uniform(-1.3, 1.3, (8, 16, 16, 3)).astype(np.float32)
-    ours = np.asarray(evaluate.quantize_generated(jnp.asarray(images)))
-    oracle = ref.quantize_images(images)
-    assert ours.dtype == np.uint8
-    assert np.abs(ours.astype(int) - oracle).max() <= 1 and (ours != oracle).mean() < 1e-3  # float32 ties only
-    assert ours[images >= 1].min() == 255 and ours[images <= -1].max() == 0
-
-
 def _fake_stats(**changes):
     rng = np.random.default_rng(8)
     stats = {"mu": rng.standard_normal(6), "sigma": np.eye(6), "num_samples": 10, "resolution": 32,
@@ -122,6 +113,9 @@ def test_load_stats_refuses_another_resolution_or_dataset(tmp_path, expected, na
 def test_bad_stats_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="compute_reference_stats"):
         evaluate.load_stats(tmp_path / "nothing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip file")  # the weights' reader: named, with what to do
+    with pytest.raises(ValueError, match=r"junk.npz is not a readable .npz .*compute_reference_stats"):
+        evaluate.load_stats(tmp_path / "junk.npz")
     np.savez(tmp_path / "partial.npz", mu=np.zeros(3), sigma=np.eye(3))  # e.g. pytorch-fid's own format
     with pytest.raises(ValueError, match="missing key 'num_samples'"):
         evaluate.load_stats(tmp_path / "partial.npz")
@@ -197,9 +191,9 @@ def test_reference_stats_refuse_bad_batches(model, images, message):
 
 
 def _direct_features(model, num_samples, seed):
-    "The same samples, generated in one go, quantised by the NumPy oracle, through chapter 12b's features."
+    "The same samples, generated in one go, quantised by chapter 12a's protocol (data.to_uint8), through 12b's features."
     images = np.asarray(generate(sample_latents(seed, np.arange(num_samples), LATENT_DIM)))
-    return inception.inception_features(model, ref.quantize_images(images), batch_size=BATCH, output_bias=False)
+    return inception.inception_features(model, data.to_uint8(images), batch_size=BATCH, output_bias=False)
 
 
 def test_evaluate_generator_equals_the_direct_computation(model, stats):
@@ -230,7 +224,7 @@ def test_evaluate_generator_refuses_mismatches(model, stats):
         evaluate.evaluate_generator(lambda z: generate(z)[..., 0], LATENT_DIM, 4, "is", model, num_splits=1,
                                     batch_size=BATCH, progress=False)
     with pytest.raises(ValueError, match="must return float images"):
-        evaluate.evaluate_generator(lambda z: evaluate.quantize_generated(generate(z)), LATENT_DIM, 4, "is", model,
+        evaluate.evaluate_generator(lambda z: data.to_uint8(generate(z)), LATENT_DIM, 4, "is", model,
                                     num_splits=1, batch_size=BATCH, progress=False)
 
 

@@ -8,9 +8,9 @@ image preprocessing of the FID Inception network, in NumPy with naive-loop twins
 __all__ = ['INCEPTION_SIZE', 'feature_statistics', 'feature_statistics_loops', 'sqrtm_psd', 'trace_sqrt_product',
            'frechet_distance', 'frechet_distance_sqrtm', 'log_softmax', 'inception_score', 'inception_score_loops',
            'polynomial_kernel', 'mmd2_unbiased', 'mmd2_unbiased_loops', 'kid_subset_indices',
-           'kernel_inception_distance', 'quantize_images', 'bilinear_resize_matrix', 'resize_bilinear',
-           'resize_bilinear_loops', 'preprocess_images', 'check_features', 'check_same_width', 'check_statistics',
-           'check_images', 'check_uint8', 'check_splits']
+           'kernel_inception_distance', 'bilinear_resize_matrix', 'resize_bilinear', 'resize_bilinear_loops',
+           'preprocess_images', 'check_features', 'check_same_width', 'check_statistics', 'check_images', 'check_uint8',
+           'check_int', 'check_splits']
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #fe3084b1
 import numpy as np
@@ -202,8 +202,7 @@ def kid_subset_indices(
             f"{min(num_a, num_b)}], got subset_size={subset_size!r} (N_a={num_a}, "
             f"N_b={num_b})"
         )
-    if not isinstance(num_subsets, (int, np.integer)) or num_subsets < 1:
-        raise ValueError(f"num_subsets must be a positive integer, got {num_subsets!r}")
+    check_int(num_subsets, "num_subsets")
     rng = np.random.default_rng(seed)
     indices_a = np.stack(
         [rng.choice(num_a, subset_size, replace=False) for _ in range(num_subsets)]
@@ -237,15 +236,6 @@ def kernel_inception_distance(
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #89256422
 INCEPTION_SIZE = 299  # the network's input size (pixels, square)
-
-# %% ../../notebooks/12a_evaluation_numpy.ipynb #e8c84f3a
-def quantize_images(images):
-    """Generator output in [-1, 1], float [N, H, W, 3] -> uint8 [N, H, W, 3]:
-    round((x + 1)·127.5), clipped to [0, 255]."""
-    check_images(np.shape(images))
-    return np.clip(
-        np.round((np.asarray(images, np.float64) + 1.0) * 127.5), 0, 255
-    ).astype(np.uint8)
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #420c246c
 def bilinear_resize_matrix(in_size: int, out_size: int):
@@ -347,12 +337,24 @@ def check_images(images_shape, name: str = "images"):
 
 def check_uint8(dtype, name: str = "images"):
     """Raise `ValueError` unless the images are uint8, as the protocol requires
-    (see `quantize_images`)."""
+    (quantise with `hitlib.data.to_uint8`)."""
     if np.dtype(dtype) != np.uint8:
         raise ValueError(
             f"{name} must be uint8 in [0, 255] (quantise generator output first), got "
             f"dtype {dtype}"
         )
+
+
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """`value` as an int; `ValueError` naming `name` unless it is an integer (not a
+    bool) >= `minimum`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_splits(num_samples: int, num_splits: int):
