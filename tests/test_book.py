@@ -5,12 +5,16 @@ is loaded from disk in Chromium (Debian's `chromium`, which `.ci/run` installs),
 network: its DOM is dumped once MathJax has run (`--virtual-time-budget`), and the test
 fails on
 - maths left as raw TeX, or fewer rendered formulas than the page has (MathJax is served
-  from the book itself: `_vendor/mathjax`, see book.yml);
+  from the book itself: `_vendor/mathjax`, see book.yml), or a backslash shown inside
+  rendered maths;
 - a script or stylesheet loaded from another host (a CDN);
 - an image, script or stylesheet whose file is not in the build;
 - an internal link to a page or anchor that does not exist;
 - a line of code wider than the text column, 88 characters. Printed outputs wrap at the
-  column instead (`_theme/book.css`).
+  column instead (`_theme/book.css`);
+- a display equation wider than the text column, which the reader would have to scroll
+  sideways: measured in the browser once MathJax has typeset the page (a short script
+  added to a copy of each page, `MEASURE_DISPLAY_MATHS`).
 Screenshots of a few pages are written to `_build/screenshots/` (CI artefacts).
 
 Nothing here depends on timing: virtual time makes Chromium wait for the page's own
@@ -44,6 +48,22 @@ SCREENSHOT_PAGES = {
     "10a_maths.png": ("notebooks/10a_losses_numpy.html", 1800),
     "appendix.png": ("notebooks/appendix_release_facts.html", 1800),
 }
+# Added before </body> of each page's copy: once the page has loaded, MathJax has
+# typeset it and its fonts are in, every display equation gets its width and the
+# width of the column it sits in (CSS pixels), and <body> says that it was measured.
+MEASURE_DISPLAY_MATHS = """<script>
+window.addEventListener("load", () => {
+  const typeset = window.MathJax && MathJax.startup ? MathJax.startup.promise : null;
+  Promise.resolve(typeset).then(() => document.fonts.ready).then(() => {
+    for (const maths of document.querySelectorAll("mjx-container[display]")) {
+      maths.setAttribute("data-maths-width", maths.scrollWidth);
+      maths.setAttribute("data-column-width", maths.parentElement.clientWidth);
+    }
+    document.body.setAttribute("data-maths-measured", "");
+  });
+});
+</script>
+"""
 RAW_TEX = re.compile(r"\\\[|\\\]|\\\(|\\\)|\$\$|\\begin\{")
 # Generous limits that only stop a hung process; they are not measurements.
 BUILD_LIMIT_S = 900
@@ -106,16 +126,32 @@ def page_names(html: Path):
 
 
 @pytest.fixture(scope="module")
-def rendered(book):
-    "{page: its DOM after MathJax ran}, for every page (two browsers at a time)."
+def measured_book(book, tmp_path_factory):
+    "A copy of the built HTML whose pages also measure their display maths."
+    copy = tmp_path_factory.mktemp("measured") / "html"
+    shutil.copytree(book, copy)
+    for name in page_names(copy):
+        page = copy / name
+        text = page.read_text(encoding="utf-8")
+        assert text.count("</body>") == 1, name
+        page.write_text(
+            text.replace("</body>", MEASURE_DISPLAY_MATHS + "</body>"), encoding="utf-8"
+        )
+    return copy
+
+
+@pytest.fixture(scope="module")
+def rendered(measured_book):
+    """{page: its DOM after MathJax ran (and display maths was measured)}, for every
+    page (two browsers at a time)."""
 
     def dump(name):
         with tempfile.TemporaryDirectory() as profile:
-            url = (book / name).as_uri()
+            url = (measured_book / name).as_uri()
             return name, run_chromium(["--dump-dom", url], profile).stdout
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(dump, page_names(book)))
+        return dict(pool.map(dump, page_names(measured_book)))
 
 
 def soup(text):
@@ -158,6 +194,15 @@ def test_maths_is_rendered(static, rendered):
             problems.append(f"{name}: {formulas} formulas, {containers} rendered")
         if after.find("mjx-merror"):
             problems.append(f"{name}: MathJax reports a TeX error")
+        for maths in after.find_all("mjx-container"):
+            # a backslash a reader sees: TeX that MathJax left as text, e.g. `\_`
+            # inside `\text{}` (MathJax's text mode knows no macros)
+            text = " ".join(maths.get_text(" ").split())
+            if "\\" in text:
+                at = max(text.index("\\") - 40, 0)
+                problems.append(
+                    f"{name}: a backslash in rendered maths: …{text[at : at + 80]}…"
+                )
         for tag in after(
             ["script", "style", "pre", "code", "textarea", "mjx-container"]
         ):
@@ -168,6 +213,27 @@ def test_maths_is_rendered(static, rendered):
                 problems.append(f"{name}: raw TeX in the text: {line.strip()[:100]}")
     assert pages_with_maths >= 5, "expected maths on several pages"
     assert not problems, "\n".join(problems)
+
+
+def test_display_maths_fits_the_column(rendered):
+    "No display equation is wider than its text column at 1440 pixels (no scrolling)."
+    too_wide, measured = [], 0
+    for name, dom in rendered.items():
+        page = soup(dom)
+        assert page.body.has_attr("data-maths-measured"), f"{name}: not measured"
+        for number, maths in enumerate(page.select("mjx-container[display]"), 1):
+            width = int(maths["data-maths-width"])
+            column = int(maths["data-column-width"])
+            measured += 1
+            if width > column:
+                # the assistive MathML's text, enough to find the equation
+                text = " ".join(maths.get_text(" ").split())[:50]
+                too_wide.append(
+                    f"{name}: display equation {number} is {width} px wide in a "
+                    f"{column} px column: {text}"
+                )
+    assert measured >= 20, f"only {measured} display equations measured"
+    assert not too_wide, "\n".join(too_wide)
 
 
 def test_no_resource_from_another_host(static):
