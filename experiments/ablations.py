@@ -250,6 +250,8 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.curve_steps < 10 or min(args.seeds) < 0:
         parser.error("--steps and --curve-steps must be positive, seeds non-negative")
     cli.tune_allocator()  # as the `hitlib` command does
+    # and as it does, keep compiled programs: a variant's later seeds run the same step
+    cli.use_compilation_cache()
     args.results = args.results.resolve()
     args.runs = args.results.parent / "runs"
     args.results.mkdir(parents=True, exist_ok=True)
