@@ -5,7 +5,7 @@ weights, with its FLOP and memory summary (chapter 7b)."""
 
 # %% auto #0
 __all__ = ['INFERENCE_TILE_TOKENS', 'cast', 'compute_dtype', 'Projection', 'Dense', 'Norm', 'Attention', 'MLPBlock', 'ToRGB',
-           'LatentEmbedding', 'self_attention', 'AttentionBlock', 'Stage', 'Generator', 'tile_size', 'reference_params',
+           'LatentEmbedding', 'AttentionBlock', 'Stage', 'Generator', 'tile_size', 'reference_params',
            'load_reference_params', 'abstract_generator', 'stage_activation_bytes', 'summary']
 
 # %% ../notebooks/07b_generator_flax.ipynb #cd885b01
@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .blocking import block, unblock
 from .config import GeneratorConfig, StageSpec
 from .cross_attention import cross_attention, latent_tokens
 from hitlib.layers import (
@@ -29,13 +28,8 @@ from hitlib.layers import (
     rgb_skip,
     stage_transition,
 )
-from hitlib.multi_axis import (
-    axial_attention,
-    dilated_attention,
-    full_attention,
-    multi_axis_attention,
-    regional_attention,
-)
+from .multi_axis import self_attention
+from .reference.generator import layer_attention_kind
 
 # %% ../notebooks/07b_generator_flax.ipynb #b1b07d44
 # N(0, 0.02²) cut at ±2σ, as TensorFlow's
@@ -185,26 +179,6 @@ class LatentEmbedding(nnx.Module):
         return self.norm(latent_tokens(z, params, grid_size=self.grid_size), train)
 
 # %% ../notebooks/07b_generator_flax.ipynb #53d71bde
-def self_attention(x, params, kind: str, block_size: int, layer: int = 0):
-    """Self-attention of a low-resolution stage, x [B, H, W, C] -> [B, H, W, C] (chapter
-    7a's `self_attention`)."""
-    _, height, width, _ = x.shape
-    if kind == "full":
-        return full_attention(x, params)
-    if kind == "axial":
-        return axial_attention(x, params)
-    if kind == "multi_axis":
-        attend = multi_axis_attention
-    elif kind == "blocked_local" or (kind == "interleaved" and layer % 2 == 0):
-        attend = regional_attention
-    elif kind == "interleaved":
-        attend = dilated_attention
-    else:
-        raise ValueError(f"unknown attention kind {kind!r}")
-    # blocked [B, M, N, C] inside
-    return unblock(attend(block(x, block_size), params), height, width)
-
-
 class AttentionBlock(nnx.Module):
     """x + Attention(norm(x), context), then an MLP block; context = the latent Z
     (cross) or norm(x) itself (self)."""
@@ -230,14 +204,11 @@ class AttentionBlock(nnx.Module):
         x = x + cross_attention(y, latent, self.attention.as_params(x.dtype))
         return self.mlp(x, train)
 
-    def self_attend(
-        self, x, kind: str, block_size: int, layer: int = 0, train: bool = False
-    ):
-        "x [B, H, W, C] attends to itself with attention `kind`."
+    def self_attend(self, x, kind: str, block_size: int, train: bool = False):
+        """x [B, H, W, C] attends to itself with attention `kind` (one of chapter 3's
+        `LAYER_ATTENTION_KINDS`)."""
         y = self.norm(x, train)
-        x = x + self_attention(
-            y, self.attention.as_params(x.dtype), kind, block_size, layer
-        )
+        x = x + self_attention(y, self.attention.as_params(x.dtype), kind, block_size)
         return self.mlp(x, train)
 
 # %% ../notebooks/07b_generator_flax.ipynb #96d204e3
@@ -287,33 +258,43 @@ class Stage(nnx.Module):
         [B, H/2, W/2, 3] or None -> (x for the next stage [B, 2H, 2W, C_next] (the last
         stage: its own map), image [B, H, W, 3] or None).
 
-        tiled: run a high-resolution stage tile by tile at inference (the same
-        numbers, less memory traffic; `_per_pixel_tiled`)."""
+        tiled: run a high-resolution stage's `body` tile by tile at inference (the
+        same numbers, less memory traffic; `_on_tiles`)."""
         spec = self.spec
-        x = x + self.pos[...].astype(x.dtype)
-        if not spec.is_low_resolution and not train and tiled:
-            x, rgb = _per_pixel_tiled(self, x, latent)
-            image = rgb_skip(image, rgb)
+        x = x + self.pos[...].astype(x.dtype)  # X + P_l
+        if tiled and not train and not spec.is_low_resolution:
+            x, rgb = _on_tiles(lambda tile: self.body(tile, latent), x)
         else:
-            if self.cross is not None:
-                x = self.cross.cross_attend(x, latent, train)
-            for layer, block_module in enumerate(self.blocks):
-                if spec.is_low_resolution:
-                    x = block_module.self_attend(
-                        x, spec.attention, spec.block_size, layer, train
-                    )
-                else:
-                    x = block_module(x, train)
-            if self.to_rgb is not None:
-                # the image accumulates in float32
-                rgb = self.to_rgb(x, train).astype(jnp.float32)
-                image = rgb_skip(image, rgb)
+            x, rgb = self.body(x, latent, train)
+        if rgb is not None:
+            image = rgb_skip(image, rgb)
         if spec.next_width is not None:
             params = (
                 None if self.transition is None else self.transition.as_params(x.dtype)
             )
             x = stage_transition(x, params)
         return x, image
+
+    def body(self, x, latent, train: bool = False):
+        """The stage after X + P_l: cross-attention to Z, the L_l blocks and, at high
+        resolution, the colours. x [B, H, W, C] -> (x [B, H, W, C], rgb [B, H, W, 3]
+        float32, or None at low resolution).
+
+        At inference a high-resolution body acts on each pixel alone, so there x may
+        also be a tile of pixels [B, S, C] (`_on_tiles`)."""
+        spec = self.spec
+        if self.cross is not None:
+            x = self.cross.cross_attend(x, latent, train)
+        for layer, block_module in enumerate(self.blocks):
+            if spec.is_low_resolution:
+                kind = layer_attention_kind(spec.attention, layer)
+                x = block_module.self_attend(x, kind, spec.block_size, train)
+            else:
+                x = block_module(x, train)  # the implicit neural function
+        if self.to_rgb is None:
+            return x, None
+        # the image accumulates in float32
+        return x, self.to_rgb(x, train).astype(jnp.float32)
 
 # %% ../notebooks/07b_generator_flax.ipynb #c68aba66
 class Generator(nnx.Module):
@@ -374,32 +355,26 @@ def tile_size(batch: int, tokens: int, target: int = None) -> int:
     return size
 
 # %% ../notebooks/07b_generator_flax.ipynb #19e410da
-def _per_pixel_tiled(stage: Stage, x, latent, target: int = None):
-    """A high-resolution `stage` at inference, tile by tile: x [B, H, W, C] ->
-    (x [B, H, W, C], rgb [B, H, W, 3]); tiles of `tile_size(B, H·W, target)` pixels.
+def _on_tiles(per_pixel, x, target: int = None):
+    """per_pixel(tile [B, S, C]) -> (a [B, S, C_a], b [B, S, C_b], ...), applied tile by
+    tile with `jax.lax.map`: x [B, H, W, C] -> (a [B, H, W, C_a], ...); tiles of
+    `tile_size(B, H·W, target)` pixels.
 
-    Every operation of the stage acts on each pixel alone (cross-attention reads the
-    image's own Z; the norms use running statistics), so running it on tiles of pixels
-    computes the same numbers with activations that stay small (a 4C-wide MLP
-    activation of a whole batch at 256 px is gigabytes)."""
+    Only for a function that acts on each pixel alone, such as a high-resolution
+    stage's `body` at inference (cross-attention reads the image's own Z; the norms use
+    running statistics): then the tiles compute the same numbers with activations
+    that stay small (a 4C-wide MLP activation of a whole batch at 256 px is
+    gigabytes)."""
     batch, height, width, channels = x.shape
     size = tile_size(batch, height * width, target)
     tiles = x.reshape(batch, height * width // size, size, channels)
     tiles = tiles.transpose(1, 0, 2, 3)  # [T/S, B, S, C]
-
-    def stage_on_tile(tile):  # [B, S, C]
-        if stage.cross is not None:
-            tile = stage.cross.cross_attend(tile, latent)
-        for block_module in stage.blocks:
-            tile = block_module(tile)
-        return tile, stage.to_rgb(tile).astype(jnp.float32)
-
-    tiles, rgb = jax.lax.map(stage_on_tile, tiles)  # [T/S, B, S, C], [T/S, B, S, 3]
+    outputs = jax.lax.map(per_pixel, tiles)  # each [T/S, B, S, ·]
 
     def untile(t):
         return t.transpose(1, 0, 2, 3).reshape(batch, height, width, t.shape[-1])
 
-    return untile(tiles), untile(rgb)
+    return jax.tree.map(untile, outputs)
 
 # %% ../notebooks/07b_generator_flax.ipynb #09d79e74
 def _lists_to_dicts(tree):

@@ -5,7 +5,7 @@ matrix each one allows (chapter 3b)."""
 
 # %% auto #0
 __all__ = ['regional_attention', 'dilated_attention', 'multi_axis_attention', 'axial_attention', 'full_attention',
-           'multi_axis_attention_weights', 'multi_axis_attention_matrix']
+           'multi_axis_attention_weights', 'multi_axis_attention_matrix', 'self_attention']
 
 # %% ../notebooks/03b_multi_axis_jax.ipynb #b21df1d1
 import math
@@ -13,10 +13,12 @@ import math
 import jax.numpy as jnp
 
 from .attention import softmax
+from .blocking import block, unblock
 from .reference.attention import is_multi_query
 from hitlib.reference.multi_axis import (
     attention_flops,
     attention_region,
+    check_layer_kind,
     check_self_attention,
     select_heads,
     swap_head_halves,
@@ -195,3 +197,20 @@ def multi_axis_attention_matrix(x, params):
     matrix = jnp.concatenate([same_block, same_position], axis=1)  # [B, h, M, N, M, N]
     tokens = num_blocks * block_len
     return matrix.reshape(batch, matrix.shape[1], tokens, tokens)  # [B, h, T, T]
+
+# %% ../notebooks/03b_multi_axis_jax.ipynb #80112d98
+def self_attention(x, params, kind: str, block_size=None):
+    """One self-attention layer of `kind` (one of `LAYER_ATTENTION_KINDS`) on a feature
+    map: x [B, H, W, C] -> [B, H, W, C] (chapter 3a's `self_attention`)."""
+    check_layer_kind(kind, block_size)
+    if kind == "full":
+        return full_attention(x, params)
+    if kind == "axial":
+        return axial_attention(x, params)
+    attend = {
+        "blocked_local": regional_attention,
+        "dilated": dilated_attention,
+        "multi_axis": multi_axis_attention,
+    }[kind]
+    blocks = block(x, block_size)  # [B, M, N, C]; checks x and block_size
+    return unblock(attend(blocks, params), x.shape[1], x.shape[2])  # [B, H, W, C]

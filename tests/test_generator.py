@@ -1,6 +1,6 @@
 """Chapter 7: the Flax NNX generator equals the NumPy oracle on identical weights, per stage and end to end,
-and so do its running statistics after a training step (Keras' unbiased variance); parameter counts
-reproduce the paper; the forward pass and a gradient step shard over 8 host devices."""
+and so do its running statistics after a training step (Keras' unbiased variance); a stage runs one body, tiled
+or not; parameter counts reproduce the paper; the forward pass and a gradient step shard over 8 host devices."""
 import textwrap
 from unittest import mock
 
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hitlib.config import PRESETS, get_config, parameter_counts
+from hitlib.config import ATTENTION_KINDS, PRESETS, get_config, parameter_counts
 from hitlib.generator import Generator, Norm, load_reference_params, reference_params, summary
 from hitlib.reference import generator as ref
+from hitlib.reference.multi_axis import LAYER_ATTENTION_KINDS
 from hitlib.reference import layers as ref_layers
 from helpers import run_python
 
@@ -386,6 +387,60 @@ def test_tiled_inference_equals_the_oracle(monkeypatch):
     z = np.random.default_rng(6).standard_normal((3, config.latent_dim)).astype(np.float32)
     expected = ref.generator(params, z, config, use_running_average=True)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(z), train=False)), expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "cross_attention=false", "norm=layer", "multi_query=false"])
+def test_one_stage_body_tiled_or_not(variant):
+    """Every stage runs `Stage.body`, on the whole map or tile by tile. At inference a high-resolution stage on
+    32 tiles of 32 pixels gives the untiled numbers to float32 rounding (rtol 1e-6, atol 1e-6: the products run on
+    other shapes); `tiled` changes nothing, bit for bit, where it does not apply (low-resolution stages, training)."""
+    from hitlib import generator as generator_module
+    config = small_config(variant)
+    model, _ = random_pair(config, seed=9)
+    data = np.random.default_rng(10)
+    latent = None
+    if config.cross_attention:
+        latent = jnp.asarray(data.standard_normal((3, 16, config.widths[0])).astype(np.float32))
+    image = None
+    for spec, stage in zip(config.stages, model.stages):
+        x = jnp.asarray(data.standard_normal((3, spec.resolution, spec.resolution, spec.width)).astype(np.float32))
+        untiled = stage(x, latent, image, train=False, tiled=False)
+        tiled = stage(x, latent, image, train=False, tiled=True)
+        if spec.is_low_resolution:
+            assert tiled[1] is None and untiled[1] is None
+            np.testing.assert_array_equal(np.asarray(tiled[0]), np.asarray(untiled[0]))
+        else:
+            body = stage.body(x + stage.pos[...], latent)
+            on_tiles = generator_module._on_tiles(lambda tile: stage.body(tile, latent), x + stage.pos[...], 96)
+            for a, b in zip(on_tiles, body, strict=True):
+                assert a.shape == b.shape and a.dtype == b.dtype == jnp.float32
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+            for a, b in zip(tiled, untiled, strict=True):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+        image = untiled[1]
+    twins = [random_pair(config, seed=9)[0] for _ in range(2)]
+    z = jnp.asarray(data.standard_normal((3, config.latent_dim)).astype(np.float32))
+    outputs = []
+    for twin, tiled in zip(twins, (True, False)):  # training mode writes statistics: one fresh model each
+        x, latent, image = twin.initial(z).reshape(3, 8, 8, config.widths[0]), None, None
+        if twin.latent is not None:
+            latent = twin.latent(z, train=True)
+        for stage in twin.stages:
+            x, image = stage(x, latent, image, train=True, tiled=tiled)
+        outputs.append((np.asarray(image), reference_params(twin)))
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    for a, b in zip(jax.tree.leaves(outputs[0][1]), jax.tree.leaves(outputs[1][1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_every_stage_kind_resolves_to_layer_kinds():
+    "A stage's kind (chapter 6, with interleaved) names one layer kind of chapter 3 (with dilated) per layer."
+    for kind in ATTENTION_KINDS:
+        layers = [ref.layer_attention_kind(kind, layer) for layer in range(4)]
+        assert set(layers) <= set(LAYER_ATTENTION_KINDS), kind
+        expected = ["blocked_local", "dilated"] * 2 if kind == "interleaved" else [kind] * 4
+        assert layers == expected
+    assert "interleaved" not in LAYER_ATTENTION_KINDS and "dilated" not in ATTENTION_KINDS
 
 
 @pytest.mark.parametrize("batch, tokens, size", [(1, 65536, 8192), (32, 65536, 256), (32, 64, 64), (3, 1024, 1024),

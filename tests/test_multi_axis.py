@@ -1,5 +1,5 @@
 """Chapter 3 (section 3.2, Algorithm 2, Table 5): multi-axis attention — loops, chapter-2 cross-checks, JAX vs NumPy,
-decomposition, special cases, permutations, costs and bad input."""
+decomposition, special cases, permutations, the dispatch of every layer kind by name, costs and bad input."""
 import math
 
 import jax
@@ -331,6 +331,60 @@ def test_jit_and_grad_against_finite_differences(multi_query):
     np.testing.assert_allclose(float(np.sum(np.asarray(grad_x, np.float64) * u)), numeric, rtol=1e-4)
 
 
+# --- the dispatch: one layer of every kind by name ------------------------------------------------------------------
+
+SELF_ATTENTION_JIT = jax.jit(multi_axis.self_attention, static_argnames=("kind", "block_size"))
+
+
+@pytest.mark.parametrize("multi_query", [True, False], ids=["mqa", "mha"])
+@pytest.mark.parametrize("kind", ref.LAYER_ATTENTION_KINDS)
+def test_self_attention_jax_equals_numpy_for_every_kind(kind, multi_query):
+    """float32 map [2, 4, 6, 16], blocks of 2x2 (M = 6, N = 4), random non-zero biases (std 0.5), kernels x20:
+    rtol 1e-5, and for the outputs near zero atol 1e-6 of the largest output (float32 rounding); jitted and eager."""
+    x = np.random.default_rng(11).standard_normal((2, 4, 6, 16)).astype(np.float32)
+    p = random_params(12, 16, 4, multi_query)
+    assert all(np.any(leaf["bias"] != 0) for leaf in p.values())
+    expected = ref.self_attention(x, p, kind, 2)
+    assert expected.dtype == np.float32 and expected.shape == x.shape
+    for fn in (SELF_ATTENTION_JIT, multi_axis.self_attention):
+        got = np.asarray(fn(jnp.asarray(x), to_jax(p), kind, 2))
+        assert got.dtype == np.float32 and got.shape == x.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max(), err_msg=kind)
+
+
+@pytest.mark.parametrize("kind", ref.LAYER_ATTENTION_KINDS)
+def test_self_attention_reads_exactly_the_region_of_its_kind(kind):
+    """Perturb one input pixel at a time: the output at a query pixel moves iff the pixel lies in the region of
+    one of the heads (`attention_region`, from pixel coordinates alone), on a non-square map."""
+    height, width, block_size = 4, 6, 2
+    x = np.random.default_rng(0).standard_normal((1, height, width, 8))
+    p = as_float64(random_params(3, 8, 4))
+    base = ref.self_attention(x, p, kind, block_size)
+    for query in ((0, 0), (1, 2), (3, 5)):
+        region = (ref.attention_region(kind, height, width, query, 0, block_size)
+                  | ref.attention_region(kind, height, width, query, 1, block_size))
+        for i, j in np.ndindex(height, width):
+            nudged = x.copy()
+            nudged[0, i, j] += 1.0
+            out = ref.self_attention(nudged, p, kind, block_size)
+            moved = not np.allclose(out[0, query[0], query[1]], base[0, query[0], query[1]], rtol=0, atol=1e-12)
+            assert moved == region[i, j], (kind, query, (i, j))
+
+
+def test_self_attention_is_the_named_function():
+    "Exactly the kind's function: on the map (full, axial) or on the blocked map, unblocked (data movement)."
+    x = np.random.default_rng(5).standard_normal((2, 4, 4, 8)).astype(np.float32)
+    p = random_params(6, 8, 4)
+    on_blocks = {"blocked_local": ref.regional_attention, "dilated": ref.dilated_attention,
+                 "multi_axis": ref.multi_axis_attention}
+    for kind, fn in on_blocks.items():
+        np.testing.assert_array_equal(ref.self_attention(x, p, kind, 2), unblock(fn(block(x, 2), p), 4, 4))
+    np.testing.assert_array_equal(ref.self_attention(x, p, "full"), ref.full_attention(x, p))
+    np.testing.assert_array_equal(ref.self_attention(x, p, "axial", 2), ref.axial_attention(x, p))
+    outputs = [ref.self_attention(x, p, kind, 2) for kind in ref.LAYER_ATTENTION_KINDS]
+    assert all(not np.allclose(a, b) for k, a in enumerate(outputs) for b in outputs[k + 1:])
+
+
 # --- geometry and costs ---------------------------------------------------------------------------------------------
 
 
@@ -424,6 +478,17 @@ def test_cost_slopes_and_balance():
          "x has width 6 (shape (2, 4, 4, 6)) but the query kernel's input width C is 8"),
         (lambda m, xp, p3, p4: m.dilated_attention(xp.zeros((2, 0, 4, 8)), p4),
          "x must have at least one token along both attended axes"),
+        # the dispatch: layer kinds only (a stage's "interleaved" is chapter 7's to resolve), a block size where needed
+        (lambda m, xp, p3, p4: m.self_attention(xp.zeros((2, 4, 4, 8)), p4, "interleaved", 2),
+         "kind must be one of ('full', 'axial', 'blocked_local', 'dilated', 'multi_axis'), got kind='interleaved'"),
+        (lambda m, xp, p3, p4: m.self_attention(xp.zeros((2, 4, 4, 8)), p4, "sparse"),
+         "kind must be one of ('full', 'axial', 'blocked_local', 'dilated', 'multi_axis'), got kind='sparse'"),
+        (lambda m, xp, p3, p4: m.self_attention(xp.zeros((2, 4, 4, 8)), p4, "multi_axis"),
+         "kind='multi_axis' needs a block_size, got block_size=None"),
+        (lambda m, xp, p3, p4: m.self_attention(xp.zeros((2, 4, 4, 8)), p4, "dilated", 3),
+         "block_size=3 does not divide the feature map: height=4, width=4"),
+        (lambda m, xp, p3, p4: m.self_attention(xp.zeros((2, 4, 4, 12)), p3, "axial"),
+         "axial attention needs an even num_heads, got 3"),
     ],
 )
 def test_bad_input_names_the_argument(module, call, message):

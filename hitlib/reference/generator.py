@@ -5,14 +5,13 @@ on a tree of parameters, the oracle of every JAX test (chapter 7a)."""
 
 # %% auto #0
 __all__ = ['init_attention_block', 'init_stage', 'init_generator_params', 'count_parameters', 'latent_embedding',
-           'self_attention', 'cross_attention_block', 'self_attention_block', 'generator_stage', 'generator']
+           'layer_attention_kind', 'cross_attention_block', 'self_attention_block', 'generator_stage', 'generator']
 
 # %% ../../notebooks/07a_generator_numpy.ipynb #64be9742
 import numpy as np
 
 from ..config import GeneratorConfig, StageSpec
 from .attention import init_attention_params, truncated_normal
-from .blocking import block, unblock
 from hitlib.reference.cross_attention import (
     cross_attention,
     init_latent_params,
@@ -31,13 +30,7 @@ from hitlib.reference.layers import (
     stage_transition,
     to_rgb,
 )
-from hitlib.reference.multi_axis import (
-    axial_attention,
-    dilated_attention,
-    full_attention,
-    multi_axis_attention,
-    regional_attention,
-)
+from .multi_axis import self_attention
 
 # %% ../../notebooks/07a_generator_numpy.ipynb #f5327bb1
 def init_attention_block(
@@ -171,32 +164,14 @@ def latent_embedding(
     )
 
 
-def self_attention(x, params, kind: str, block_size: int, layer: int = 0):
-    """Self-attention of a low-resolution stage on its map:
-    x [B, H, W, C] -> [B, H, W, C].
-
-    multi_axis: Algorithm 2 on the blocked map (first half of the heads regional,
-        second half dilated);
-    blocked_local: every head regional; interleaved: every head regional in even
-        layers, dilated in odd ones;
-    axial: half the heads along rows, half along columns; full: every token to every
-        token.
-    """
-    _, height, width, _ = x.shape
-    if kind == "full":
-        return full_attention(x, params)
-    if kind == "axial":
-        return axial_attention(x, params)
-    if kind == "multi_axis":
-        attend = multi_axis_attention
-    elif kind == "blocked_local" or (kind == "interleaved" and layer % 2 == 0):
-        attend = regional_attention
-    elif kind == "interleaved":
-        attend = dilated_attention
-    else:
-        raise ValueError(f"unknown attention kind {kind!r}")
-    blocks = block(x, block_size)  # [B, M, N, C] (Algorithm 3)
-    return unblock(attend(blocks, params), height, width)  # [B, H, W, C]
+def layer_attention_kind(kind: str, layer: int) -> str:
+    """What layer `layer` of a low-resolution stage of `kind` (chapter 6's
+    `config.ATTENTION_KINDS`) computes, as one of chapter 3's `LAYER_ATTENTION_KINDS`:
+    an interleaved stage alternates blocked_local (even layers) and dilated (odd
+    ones); every other kind is the same in every layer."""
+    if kind == "interleaved":
+        return ("blocked_local", "dilated")[layer % 2]
+    return kind
 
 
 def cross_attention_block(
@@ -210,17 +185,12 @@ def cross_attention_block(
 
 
 def self_attention_block(
-    x,
-    params,
-    norm: str,
-    kind: str,
-    block_size: int,
-    layer: int = 0,
-    use_running_average: bool = False,
+    x, params, norm: str, kind: str, block_size: int, use_running_average: bool = False
 ):
-    "x [B, H, W, C]: x + SelfAttention(norm(x)), then the MLP block."
+    """x [B, H, W, C]: x + SelfAttention(norm(x)), then the MLP block; `kind` one of
+    chapter 3's `LAYER_ATTENTION_KINDS`."""
     y = normalize(x, params["norm"], norm, use_running_average=use_running_average)
-    x = x + self_attention(y, params["attention"], kind, block_size, layer)
+    x = x + self_attention(y, params["attention"], kind, block_size)
     return mlp_block(x, params["mlp"], norm, use_running_average=use_running_average)
 
 # %% ../../notebooks/07a_generator_numpy.ipynb #f14e84dc
@@ -243,8 +213,9 @@ def generator_stage(
         x = cross_attention_block(x, latent, params["cross"], norm, running)
     for layer, block_params in enumerate(params["blocks"]):
         if spec.is_low_resolution:
+            kind = layer_attention_kind(spec.attention, layer)
             x = self_attention_block(
-                x, block_params, norm, spec.attention, spec.block_size, layer, running
+                x, block_params, norm, kind, spec.block_size, running
             )
         else:
             # the implicit neural function

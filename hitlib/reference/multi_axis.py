@@ -6,11 +6,11 @@ attention (section 3.2), axial and full attention, in NumPy with naive-loop twin
 
 # %% auto #0
 __all__ = ['LAYER_ATTENTION_KINDS', 'regional_attention', 'dilated_attention', 'multi_axis_attention', 'select_heads',
-           'swap_head_halves', 'axial_attention', 'full_attention', 'multi_axis_attention_weights',
+           'swap_head_halves', 'axial_attention', 'full_attention', 'self_attention', 'multi_axis_attention_weights',
            'multi_axis_attention_matrix', 'regional_attention_loops', 'dilated_attention_loops',
            'multi_axis_attention_loops', 'multi_axis_attention_matrix_loops', 'axial_attention_loops',
            'full_attention_loops', 'check_attention_kind', 'attention_flops', 'attention_region',
-           'attention_flops_loops', 'check_self_attention']
+           'attention_flops_loops', 'check_self_attention', 'check_layer_kind']
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #d8b0c2d8
 import math
@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .attention import check_attention_params, is_multi_query, softmax
-from .blocking import check_block_size, check_rank
+from .blocking import block, check_block_size, check_rank, unblock
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #5a000538
 def _project(x, params):
@@ -209,6 +209,36 @@ def full_attention(x, params):
     tokens = x.reshape(batch, 1, height * width, channels)
     return regional_attention(tokens, params).reshape(batch, height, width, channels)
 
+# %% ../../notebooks/03a_multi_axis_numpy.ipynb #b52bdbc2
+# What one attention layer computes. A stage of the generator (chapter 6's
+# `config.ATTENTION_KINDS`) may also be "interleaved": its layers alternate
+# blocked_local and dilated.
+LAYER_ATTENTION_KINDS = ("full", "axial", "blocked_local", "dilated", "multi_axis")
+# the kinds that attend on the blocked map [B, M, N, C]
+_BLOCKED_KINDS = ("blocked_local", "dilated", "multi_axis")
+
+
+def self_attention(x, params, kind: str, block_size=None):
+    """One self-attention layer of `kind` (one of `LAYER_ATTENTION_KINDS`) on a feature
+    map: x [B, H, W, C] -> [B, H, W, C].
+
+    full and axial attend on the map; blocked_local (every head regional), dilated
+    (every head dilated) and multi_axis (Algorithm 2) on the map blocked with
+    `block_size` (Algorithm 3), unblocked afterwards.
+    """
+    check_layer_kind(kind, block_size)
+    if kind == "full":
+        return full_attention(x, params)
+    if kind == "axial":
+        return axial_attention(x, params)
+    attend = {
+        "blocked_local": regional_attention,
+        "dilated": dilated_attention,
+        "multi_axis": multi_axis_attention,
+    }[kind]
+    blocks = block(x, block_size)  # [B, M, N, C]; checks x and block_size
+    return unblock(attend(blocks, params), x.shape[1], x.shape[2])  # [B, H, W, C]
+
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #a2c3699e
 def multi_axis_attention_weights(x, params):
     """Attention weights of multi-axis attention, x [B, M, N, C] -> (regional, dilated).
@@ -322,50 +352,40 @@ def _blocked_regions(x_shape, params, kind):
     return region
 
 
-def regional_attention_loops(x, params):
-    "Naive-loop twin of `regional_attention` (float64): x [B, M, N, C] -> [B, M, N, C]."
-    check_self_attention(x.shape, params)
-    out, _ = _region_attention_loops(
+def _blocked_loops(x, params, kind):
+    """The loops on a blocked map x [B, M, N, C] with the regions of `kind`
+    ('regional', 'dilated', 'multi_axis') -> (output [B, M, N, C], matrix
+    [B, h, T, T])."""
+    halves = "multi-axis attention" if kind == "multi_axis" else None
+    check_self_attention(x.shape, params, even_heads_for=halves)
+    out, matrix = _region_attention_loops(
         x.reshape(x.shape[0], -1, x.shape[-1]),
         params,
-        _blocked_regions(x.shape, params, "regional"),
+        _blocked_regions(x.shape, params, kind),
     )
-    return out.reshape(x.shape)
+    return out.reshape(x.shape), matrix
+
+
+def regional_attention_loops(x, params):
+    "Naive-loop twin of `regional_attention` (float64): x [B, M, N, C] -> [B, M, N, C]."
+    return _blocked_loops(x, params, "regional")[0]
 
 
 def dilated_attention_loops(x, params):
     "Naive-loop twin of `dilated_attention` (float64): x [B, M, N, C] -> [B, M, N, C]."
-    check_self_attention(x.shape, params)
-    out, _ = _region_attention_loops(
-        x.reshape(x.shape[0], -1, x.shape[-1]),
-        params,
-        _blocked_regions(x.shape, params, "dilated"),
-    )
-    return out.reshape(x.shape)
+    return _blocked_loops(x, params, "dilated")[0]
 
 
 def multi_axis_attention_loops(x, params):
     """Naive-loop twin of `multi_axis_attention` (float64): x [B, M, N, C] ->
     [B, M, N, C]."""
-    check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
-    out, _ = _region_attention_loops(
-        x.reshape(x.shape[0], -1, x.shape[-1]),
-        params,
-        _blocked_regions(x.shape, params, "multi_axis"),
-    )
-    return out.reshape(x.shape)
+    return _blocked_loops(x, params, "multi_axis")[0]
 
 
 def multi_axis_attention_matrix_loops(x, params):
     """Naive-loop twin of `multi_axis_attention_matrix` (float64): x [B, M, N, C] ->
     [B, h, T, T]."""
-    check_self_attention(x.shape, params, even_heads_for="multi-axis attention")
-    _, matrix = _region_attention_loops(
-        x.reshape(x.shape[0], -1, x.shape[-1]),
-        params,
-        _blocked_regions(x.shape, params, "multi_axis"),
-    )
-    return matrix
+    return _blocked_loops(x, params, "multi_axis")[1]
 
 
 def axial_attention_loops(x, params):
@@ -404,10 +424,6 @@ def full_attention_loops(x, params):
     return out.reshape(x.shape)
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #c190620a
-# What one attention layer computes. A stage of the generator (chapter 6's
-# `config.ATTENTION_KINDS`) may also be "interleaved": its layers alternate
-# blocked_local and dilated.
-LAYER_ATTENTION_KINDS = ("full", "axial", "blocked_local", "dilated", "multi_axis")
 _KIND_NAMES = {
     "full": "full attention",
     "axial": "axial attention",
@@ -422,8 +438,7 @@ def check_attention_kind(
 ):
     """Raise `ValueError` unless the sizes fit attention of `kind`
     (one of `LAYER_ATTENTION_KINDS`)."""
-    if kind not in LAYER_ATTENTION_KINDS:
-        raise ValueError(f"kind must be one of {LAYER_ATTENTION_KINDS}, got {kind=}")
+    check_layer_kind(kind, block_size)
     for name, value in (
         ("height", height),
         ("width", width),
@@ -441,9 +456,7 @@ def check_attention_kind(
         raise ValueError(
             f"{_KIND_NAMES[kind]} needs an even num_heads, got {num_heads}"
         )
-    if kind in ("blocked_local", "dilated", "multi_axis"):
-        if block_size is None:
-            raise ValueError(f"kind={kind!r} needs a block_size, got block_size=None")
+    if kind in _BLOCKED_KINDS:
         check_block_size(height, width, block_size)
 
 
@@ -491,6 +504,7 @@ def attention_region(
     (rows, columns) and multi-axis (same block, same offset in the block). Blocked kinds
     need `block_size`.
     """
+    check_layer_kind(kind, block_size)
     i, j = query
     # [H, W] each
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
@@ -499,13 +513,11 @@ def attention_region(
         return np.ones((height, width), bool)
     if kind == "axial":
         return rows == i if half == 0 else cols == j
-    same_block = (rows // p == i // p) & (cols // p == j // p) if p else None
-    same_offset = (rows % p == i % p) & (cols % p == j % p) if p else None
+    same_block = (rows // p == i // p) & (cols // p == j // p)
+    same_offset = (rows % p == i % p) & (cols % p == j % p)
     if kind == "blocked_local" or (kind == "multi_axis" and half == 0):
         return same_block
-    if kind in ("dilated", "multi_axis"):
-        return same_offset
-    raise ValueError(f"kind must be one of {LAYER_ATTENTION_KINDS}, got {kind=}")
+    return same_offset  # dilated, and the second half of multi_axis
 
 
 def attention_flops_loops(
@@ -570,3 +582,12 @@ def check_self_attention(
             f"{tuple(np.shape(params['query']['kernel']))})"
         )
     return num_heads, head_dim
+
+
+def check_layer_kind(kind: str, block_size=None):
+    """Raise `ValueError` unless `kind` is one of `LAYER_ATTENTION_KINDS`, with a
+    `block_size` where the kind attends on the blocked map."""
+    if kind not in LAYER_ATTENTION_KINDS:
+        raise ValueError(f"kind must be one of {LAYER_ATTENTION_KINDS}, got {kind=}")
+    if kind in _BLOCKED_KINDS and block_size is None:
+        raise ValueError(f"kind={kind!r} needs a block_size, got block_size=None")
