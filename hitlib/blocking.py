@@ -9,7 +9,12 @@ __all__ = ['space_to_depth', 'depth_to_space', 'block', 'unblock', 'pixel_shuffl
 # %% ../notebooks/01b_blocking_jax.ipynb #e11202bc
 import jax.numpy as jnp
 
-from .reference.blocking import check_block_size, check_rank, check_unblock
+from hitlib.reference.blocking import (
+    check_block_size,
+    check_int,
+    check_rank,
+    check_unblock,
+)
 
 # %% ../notebooks/01b_blocking_jax.ipynb #26c8bdde
 def space_to_depth(x, block_size: int):
@@ -29,9 +34,7 @@ def depth_to_space(x, block_size: int):
     "[B, H, W, p*p*C] -> [B, H*p, W*p, C], TensorFlow's `depth_to_space` (DCR order)."
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     batch, height, width, channels = x.shape
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    p = block_size
+    p = check_int(block_size, "block_size")
     if channels % (p * p):
         raise ValueError(
             f"depth_to_space needs channels divisible by block_size**2={p * p}, got "

@@ -13,6 +13,8 @@ import dataclasses
 import difflib
 from typing import Optional
 
+from .reference.blocking import check_int
+
 # %% ../notebooks/06_config.ipynb #c919a6ca
 ATTENTION_KINDS = ("multi_axis", "full", "axial", "blocked_local", "interleaved")
 NORM_KINDS = ("batch", "layer")
@@ -134,29 +136,21 @@ class GeneratorConfig:
 def stages_for_resolution(resolution: int) -> int:
     """Number of stages for an output `resolution` = 8·2^k (k + 1 stages); `ValueError`
     naming `resolution` otherwise."""
-    if (
-        not isinstance(resolution, int)
-        or resolution < 8
-        or resolution & (resolution - 1)
-    ):
+    resolution = check_int(resolution, "resolution", 8)
+    if resolution & (resolution - 1):
         raise ValueError(
             f"resolution must be 8·2^k (8, 16, 32, ...), got resolution={resolution!r}"
         )
     return resolution.bit_length() - 3
 
 
-def _positive_int(value, field: str):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field} must be a positive integer, got {value!r}")
-
-
 def validate(config: "GeneratorConfig"):
     """Raise `ValueError` naming the field if `config` cannot be built; return it
     unchanged otherwise."""
     n = stages_for_resolution(config.resolution)
-    _positive_int(config.latent_dim, "latent_dim")
-    _positive_int(config.latent_grid, "latent_grid")
-    _positive_int(config.mlp_ratio, "mlp_ratio")
+    check_int(config.latent_dim, "latent_dim")
+    check_int(config.latent_grid, "latent_grid")
+    check_int(config.mlp_ratio, "mlp_ratio")
     for field in ("widths", "num_layers", "num_heads", "block_sizes", "attention"):
         value = getattr(config, field)
         if not isinstance(value, tuple) or len(value) != n:
@@ -189,9 +183,9 @@ def validate(config: "GeneratorConfig"):
             config.num_heads[i],
             config.block_sizes[i],
         )
-        _positive_int(width, f"widths[{i}]")
-        _positive_int(heads, f"num_heads[{i}]")
-        _positive_int(config.num_layers[i], f"num_layers[{i}]")
+        check_int(width, f"widths[{i}]")
+        check_int(heads, f"num_heads[{i}]")
+        check_int(config.num_layers[i], f"num_layers[{i}]")
         if width % heads:
             raise ValueError(
                 f"num_heads[{i}]={heads} does not divide widths[{i}]={width}"
@@ -209,7 +203,7 @@ def validate(config: "GeneratorConfig"):
                 f"block_sizes[{i}]={block}: a low-resolution (attention) stage cannot "
                 "follow a high-resolution one (block size None)"
             )
-        _positive_int(block, f"block_sizes[{i}]")
+        check_int(block, f"block_sizes[{i}]")
         if resolution % block:
             raise ValueError(
                 f"block_sizes[{i}]={block} does not divide that stage's resolution "

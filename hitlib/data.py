@@ -5,7 +5,7 @@ resumable input pipeline (chapter 11a)."""
 
 # %% auto #0
 __all__ = ['MNIST5K_FILE', 'MNIST5K_CONTENT_SHA256', 'IMAGE_EXTENSIONS', 'IMAGENET_CROP_FRACTION', 'SHARDS_FORMAT',
-           'datasets_dir', 'load_mnist5k', 'to_float', 'to_uint8', 'check_resolution', 'resize_square', 'embed_digits',
+           'datasets_dir', 'load_mnist5k', 'to_float', 'to_uint8', 'resize_square', 'embed_digits',
            'embed_digits_loops', 'load_embedded', 'image_grid', 'BadImageError', 'composite', 'composite_loops',
            'pil_to_rgb', 'decode_image', 'storage_size', 'list_images', 'ImageFolder', 'load_image_folder',
            'ShardedArraySource', 'read_label_file', 'prepare_image_folder', 'prepare_command', 'open_training_data',
@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 import hitlib
+from .reference.blocking import check_int
 
 _logger = logging.getLogger(__name__)
 
@@ -92,17 +93,6 @@ def to_uint8(images):
     return ((images.clip(-1.0, 1.0) + 1.0) * 127.5).round().astype(np.uint8)
 
 
-def check_resolution(resolution, name: str = "resolution") -> int:
-    "A positive integer image side, or ValueError naming the argument."
-    if (
-        isinstance(resolution, bool)
-        or not isinstance(resolution, (int, np.integer))
-        or resolution < 1
-    ):
-        raise ValueError(f"{name} must be a positive integer, got {resolution!r}")
-    return int(resolution)
-
-
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """The centre square of `image` (side = its short side), resized to `size`×`size`
     with PIL.
@@ -113,7 +103,7 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     (PIL filters are antialiased: each output pixel averages the input pixels it covers)
     and bicubic when enlarging.
     """
-    size = check_resolution(size, "size")
+    size = check_int(size, "size")
     if (
         image.dtype != np.uint8
         or image.ndim not in (2, 3)
@@ -137,7 +127,7 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 def embed_digits(digits: np.ndarray, resolution: int = 32) -> np.ndarray:
     """uint8 [N, 28, 28] -> float32 [N, R, R, 3] in [-1, 1]: pad to 32×32, resize to R
     if R != 32, grey -> RGB."""
-    resolution = check_resolution(resolution)
+    resolution = check_int(resolution, "resolution")
     if digits.dtype != np.uint8 or digits.ndim != 3 or digits.shape[1:] != (28, 28):
         raise ValueError(
             f"digits must be uint8 [N, 28, 28], got {digits.dtype} {digits.shape}"
@@ -270,7 +260,7 @@ IMAGENET_CROP_FRACTION = 0.875
 def storage_size(resolution: int, crop_fraction: float = 1.0) -> int:
     """Side of the stored square so that a `resolution` crop covers `crop_fraction` of
     it: round(R / f)."""
-    resolution = check_resolution(resolution)
+    resolution = check_int(resolution, "resolution")
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction!r}")
     return max(resolution, int(round(resolution / crop_fraction)))
@@ -328,7 +318,7 @@ class ImageFolder:
         if labels not in (None, "subfolders"):
             raise ValueError(f"labels must be None or 'subfolders', got {labels!r}")
         self.folder = Path(folder)
-        self.resolution = check_resolution(resolution)
+        self.resolution = check_int(resolution, "resolution")
         self.crop_fraction = crop_fraction
         self.size = storage_size(resolution, crop_fraction)
         self.background = background
@@ -727,16 +717,10 @@ def prepare_image_folder(
     or as it was.
     """
     output = Path(output)
-    resolution = check_resolution(resolution)
+    resolution = check_int(resolution, "resolution")
     storage_size(resolution, crop_fraction)  # checks crop_fraction
-    if (
-        isinstance(shard_size, bool)
-        or not isinstance(shard_size, int)
-        or shard_size < 1
-    ):
-        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    shard_size = check_int(shard_size, "shard_size")
+    workers = check_int(workers, "workers", 0)
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a folder")
     if output.exists() and any(output.iterdir()):
@@ -984,13 +968,10 @@ def make_dataset(
     train: shuffle, random crops and flips, endless; else source order, centre crops,
     one pass, last batch kept.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if (
-        not isinstance(process_count, int)
-        or process_count < 1
-        or not 0 <= process_index < process_count
-    ):
+    batch_size = check_int(batch_size, "batch_size")
+    process_count = check_int(process_count, "process_count")
+    process_index = check_int(process_index, "process_index", 0)
+    if process_index >= process_count:
         raise ValueError(
             "need 0 <= process_index < process_count, got "
             f"process_index={process_index!r}, process_count={process_count!r}"
@@ -1007,7 +988,7 @@ def make_dataset(
         resolution = (
             getattr(source, "resolution", None) or _split(source[0])[0].shape[0]
         )
-    resolution = check_resolution(resolution)
+    resolution = check_int(resolution, "resolution")
     local_batch = batch_size // process_count
     dataset = grain.MapDataset.source(source)
     if train:

@@ -26,6 +26,7 @@ from hitlib.inception import (
     load_inception_weights,
 )
 from .reference import metrics as ref
+from .reference.blocking import check_int
 from .sampling import sample_latents
 from .scaling import batch_sharded, data_mesh, replicate
 
@@ -98,7 +99,7 @@ class FeatureExtractor:
         mesh = data_mesh()
         self.num_devices = mesh.size
         self.batch_size = (
-            -(-ref.check_int(batch_size, "batch_size") // self.num_devices)
+            -(-check_int(batch_size, "batch_size") // self.num_devices)
             * self.num_devices
         )
         self.sharding = batch_sharded(mesh)  # batch axis split over the devices
@@ -372,8 +373,8 @@ def evaluate_generator(
         raise ValueError(
             f"metric must be one of {METRICS} or a sequence of them, got {metric!r}"
         )
-    latent_dim = ref.check_int(latent_dim, "latent_dim")
-    num_samples = ref.check_int(num_samples, "num_samples", 2)
+    latent_dim = check_int(latent_dim, "latent_dim")
+    num_samples = check_int(num_samples, "num_samples", 2)
     if "is" in metrics:
         ref.check_splits(num_samples, num_splits)
     needs_stats = [m for m in metrics if m in ("fid", "kid")]

@@ -24,12 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .reference.blocking import check_rank
+from .reference.blocking import check_int, check_rank
 from hitlib.reference.metrics import (
     INCEPTION_SIZE,
     check_features,
     check_images,
-    check_int,
     check_same_width,
     check_splits,
     check_statistics,

@@ -89,11 +89,13 @@ def test_balanced_block_size_reproduces_release():
         (lambda m, xp: m.block(xp.zeros((1, 8, 8, 3)), 3), "block_size=3 does not divide the feature map: height=8, width=8"),
         (lambda m, xp: m.block(xp.zeros((1, 8, 12, 3)), 8), "block_size=8 does not divide the feature map: height=8, width=12"),
         (lambda m, xp: m.block(xp.zeros((8, 8, 3)), 2), "x must have rank 4 [B, H, W, C], got shape (8, 8, 3)"),
-        (lambda m, xp: m.block(xp.zeros((1, 8, 8, 3)), 0), "block_size must be a positive integer, got 0"),
+        (lambda m, xp: m.block(xp.zeros((1, 8, 8, 3)), 0), "block_size must be a positive integer, got block_size=0"),
         (lambda m, xp: m.unblock(xp.zeros((1, 4, 16, 3)), 8, 12), "M=4 blocks of 4x4 cannot tile height=8, width=12"),
         (lambda m, xp: m.unblock(xp.zeros((1, 4, 12, 3)), 8, 8), "tokens per block N=12 is not a square"),
         (lambda m, xp: m.unblock(xp.zeros((4, 16, 3)), 8, 8), "x must have rank 4 [B, M, N, C]"),
         (lambda m, xp: m.pixel_shuffle(xp.zeros((1, 4, 4, 6))), "channels divisible by block_size**2=4, got channels=6"),
+        (lambda m, xp: m.depth_to_space(xp.zeros((1, 2, 2, 4)), 2.0), "block_size must be a positive integer, got block_size=2.0"),
+        (lambda m, xp: m.block(xp.zeros((1, 8, 8, 3)), True), "block_size must be a positive integer, got block_size=True"),
     ],
 )
 def test_bad_input_names_the_argument(module, call, message):
@@ -101,3 +103,45 @@ def test_bad_input_names_the_argument(module, call, message):
     with pytest.raises(ValueError) as error:
         call(module, xp)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("module", [ref, blocking], ids=["numpy", "jax"])
+def test_numpy_integers_are_sizes_too(module):
+    xp = np if module is ref else jnp
+    assert module.depth_to_space(xp.zeros((1, 2, 2, 4)), np.int64(2)).shape == (1, 4, 4, 1)
+    assert module.block(xp.zeros((1, 8, 8, 3)), np.int32(4)).shape == (1, 4, 16, 3)
+
+
+_INTEGER_TYPES = [int, np.int8, np.int16, np.int32, np.int64]
+
+
+@given(st.integers(-100, 100), st.integers(-3, 5), st.sampled_from(_INTEGER_TYPES))
+def test_check_int_passes_exactly_the_integers_from_minimum(value, minimum, kind):
+    if value >= minimum:
+        got = ref.check_int(kind(value), "n", minimum)
+        assert got == value and type(got) is int
+    else:
+        with pytest.raises(ValueError) as error:
+            ref.check_int(kind(value), "n", minimum)
+        assert str(error.value).startswith("n must be ") and str(error.value).endswith(f", got n={kind(value)!r}")
+
+
+@given(st.one_of(st.booleans(), st.floats(), st.text(max_size=3), st.none(), st.complex_numbers(),
+                 st.sampled_from([np.float32(2.0), np.bool_(True), np.array(3), [3], (3,)])))
+def test_check_int_refuses_what_is_not_an_integer(value):
+    with pytest.raises(ValueError, match="^n must be a positive integer, got n="):
+        ref.check_int(value, "n")
+
+
+@pytest.mark.parametrize("value, minimum, message", [
+    (0, 1, "n must be a positive integer, got n=0"),
+    (1, 2, "n must be an integer >= 2, got n=1"),
+    (-1, 0, "n must be an integer >= 0, got n=-1"),
+    (True, 1, "n must be a positive integer, got n=True"),
+    (2.0, 1, "n must be a positive integer, got n=2.0"),
+    ("4", 1, "n must be a positive integer, got n='4'"),
+])
+def test_check_int_message(value, minimum, message):
+    with pytest.raises(ValueError) as error:
+        ref.check_int(value, "n", minimum)
+    assert str(error.value) == message

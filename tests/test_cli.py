@@ -38,7 +38,7 @@ def test_usage_errors_are_reported_not_raised(capsys, tmp_path):
     assert cli.main(["summary", "tinny"]) == 2
     assert "did you mean 'tiny'" in capsys.readouterr().err
     assert cli.main(["train", "--workdir", str(tmp_path / "run"), "batch_size=0"]) == 2
-    assert "batch_size must be an integer >= 1" in capsys.readouterr().err
+    assert "batch_size must be a positive integer, got batch_size=0" in capsys.readouterr().err
     assert cli.main(["sample", "--workdir", str(tmp_path / "nothing")]) == 2
     assert "holds no training run" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -86,7 +86,9 @@ def test_overrides_typed_and_dict():
         ("tiny", ["norm=group"], "norm must be one of"),
         ("tiny", ["compute_dtype=float16"], "compute_dtype must be one of"),
         ("tiny", ["multi_query=maybe"], "multi_query"),
-        ("tiny", ["latent_dim=0"], "latent_dim must be a positive integer"),
+        ("tiny", ["latent_dim=0"], "latent_dim must be a positive integer, got latent_dim=0"),
+        ("tiny", {"latent_grid": True}, "latent_grid must be a positive integer, got latent_grid=True"),
+        ("tiny", {"widths": (64, 32.0, 16)}, "widths[1] must be a positive integer, got widths[1]=32.0"),
         ("tiny", ["latent_dim=abc"], "expected an integer"),
         ("tiny", ["attention_stages=3"], "attention_stages=3 must be in [0, 2]"),
         ("tiny", ["norm"], "must look like key=value"),
@@ -107,8 +109,11 @@ def test_stages_for_resolution(resolution):
     if resolution >= 8 and resolution & (resolution - 1) == 0:
         assert 8 * 2 ** (stages_for_resolution(resolution) - 1) == resolution
     else:
-        with pytest.raises(ValueError, match="resolution must be 8"):
+        # below 8 the integer check speaks, above it the power-of-two one
+        expected = "an integer >= 8" if resolution < 8 else "8·2^k (8, 16, 32, ...)"
+        with pytest.raises(ValueError) as error:
             stages_for_resolution(resolution)
+        assert str(error.value) == f"resolution must be {expected}, got resolution={resolution}"
 
 
 @given(st.data())

@@ -346,6 +346,20 @@ def test_shards_equal_the_folder(folder, tmp_path):
         data.prepare_image_folder(folder, tmp_path / "shards", 12)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shard_size=0), "shard_size must be a positive integer, got shard_size=0"),
+    (dict(shard_size=2.0), "shard_size must be a positive integer, got shard_size=2.0"),
+    (dict(workers=-1), "workers must be an integer >= 0, got workers=-1"),
+    (dict(workers=True), "workers must be an integer >= 0, got workers=True"),
+    (dict(resolution=0), "resolution must be a positive integer, got resolution=0"),
+])
+def test_prepare_checks_its_integers_before_writing(folder, tmp_path, kwargs, message):
+    arguments = dict(resolution=12) | kwargs
+    with pytest.raises(ValueError) as error:
+        data.prepare_image_folder(folder, tmp_path / "shards", **arguments)
+    assert str(error.value) == message and not (tmp_path / "shards").exists()
+
+
 def test_shards_with_workers_and_skipped_files(folder, tmp_path):
     add_bad_files(folder)
     with pytest.raises(data.BadImageError, match="text.png"):
@@ -559,7 +573,11 @@ def test_embedded_digits_through_the_pipeline():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(batch_size=0), "batch_size"), (dict(batch_size=6, process_count=4), "not divisible"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got batch_size=0"),
+    (dict(batch_size=4.0), "batch_size must be a positive integer, got batch_size=4.0"),
+    (dict(process_count=0), "process_count must be a positive integer, got process_count=0"),
+    (dict(process_index=-1), "process_index must be an integer >= 0, got process_index=-1"),
+    (dict(batch_size=6, process_count=4), "not divisible"),
     (dict(process_index=2, process_count=2), "process_index"), (dict(seed=-1), "seed"),
     (dict(resolution=7), "smaller than resolution"), (dict(seed=2**32), "seed")])
 def test_make_dataset_rejects_bad_arguments(kwargs, message):

@@ -395,7 +395,7 @@ def test_missing_weights_file_says_how_to_get_them(tmp_path, monkeypatch):
     (lambda: inception.inception_features(None, np.zeros((2, 64, 64, 3), np.float32)), "must be uint8"),
     (lambda: inception.inception_features(None, np.zeros((2, 64, 64), np.uint8)), "rank 4 [N, H, W, 3]"),
     (lambda: inception.inception_features(None, np.zeros((2, 64, 64, 3), np.uint8), batch_size=0),
-     "batch_size must be an integer >= 1, got 0"),
+     "batch_size must be a positive integer, got batch_size=0"),
     (lambda: inception.inception_v3({}, jnp.zeros((1, 64, 64, 3))), "at least 75x75"),
     (lambda: inception.inception_v3({}, jnp.zeros((1, 299, 299, 1))), "3 channels"),
     (lambda: inception.preprocess_images(jnp.zeros((1, 8, 8, 4), jnp.uint8)), "3 channels"),

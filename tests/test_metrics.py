@@ -113,18 +113,6 @@ def test_the_protocol_quantises_with_to_uint8():
     np.testing.assert_array_equal(from_device, levels)
 
 
-@pytest.mark.parametrize("value, minimum, error", [
-    (3, 1, None), (np.int64(2), 2, None), (0, 1, "n must be an integer >= 1, got 0"),
-    (1, 2, "n must be an integer >= 2, got 1"), (True, 1, "got True"), (2.0, 1, "got 2.0"), ("4", 1, "got '4'"),
-])
-def test_check_int_is_the_one_integer_check(value, minimum, error):
-    if error is None:
-        assert ref.check_int(value, "n", minimum) == value and type(ref.check_int(value, "n", minimum)) is int
-    else:
-        with pytest.raises(ValueError, match=error):
-            ref.check_int(value, "n", minimum)
-
-
 @settings(max_examples=10)
 @given(st.integers(1, 12), st.integers(1, 12), st.integers(1, 20), st.integers(1, 20), st.integers(0, 2**16))
 def test_resize_matches_loops(in_h, in_w, out_h, out_w, seed):
@@ -138,7 +126,10 @@ def test_resize_matches_loops(in_h, in_w, out_h, out_w, seed):
     (lambda: ref.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), "same feature width"),
     (lambda: ref.inception_score(np.zeros((5, 10)), 6), "num_splits must be an integer in [1, N=5]"),
     (lambda: ref.preprocess_images(np.zeros((1, 8, 8, 3), np.float32)), "must be uint8"),
-    (lambda: ref.kid_subset_indices(10, 10, num_subsets=0, subset_size=5), "num_subsets must be an integer >= 1"),
+    (lambda: ref.kid_subset_indices(10, 10, num_subsets=0, subset_size=5), "num_subsets must be a positive integer, got num_subsets=0"),
+    (lambda: ref.kid_subset_indices(10, 10, subset_size=1), "subset_size must be an integer >= 2, got subset_size=1"),
+    (lambda: ref.kid_subset_indices(10, 10, subset_size=11), "subset_size must be an integer in [2, min(N_a, N_b)] = [2, 10]"),
+    (lambda: ref.inception_score(np.zeros((5, 10)), 2.0), "num_splits must be a positive integer, got num_splits=2.0"),
 ])
 def test_bad_input_names_the_problem(call, message):
     with pytest.raises(ValueError) as error:

@@ -131,7 +131,7 @@ def test_bad_stats_files_are_named(tmp_path):
     ({"metric": "kid", "stats": {k: v for k, v in _fake_stats().items() if k != "features"}}, ValueError,
      "keep_features=True"),
     ({"metric": "is", "num_splits": 11}, ValueError, "num_splits must be an integer in [1, N=10]"),
-    ({"metric": "fid", "stats": _fake_stats(), "latent_dim": 0}, ValueError, "latent_dim must be an integer >= 1"),
+    ({"metric": "fid", "stats": _fake_stats(), "latent_dim": 0}, ValueError, "latent_dim must be a positive integer, got latent_dim=0"),
 ])
 def test_evaluate_generator_checks_its_arguments_first(kwargs, error, message):
     arguments = {"generate_fn": generate, "latent_dim": LATENT_DIM, "num_samples": 10, "model": "unused.npz"}

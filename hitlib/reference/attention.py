@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from .blocking import check_int
+
 # %% ../../notebooks/02a_attention_numpy.ipynb #c11dd2e6
 def softmax(logits, axis: int = -1):
     """Numerically stable softmax along `axis`: exp(l - max l) / sum exp(l - max l).
@@ -254,26 +256,14 @@ def init_attention_params(
     kv_width C_kv (default C). Multi-query: key/value kernels [C_kv, d]; multi-head:
     [C_kv, h, d]. float32.
     """
-    if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
-        raise ValueError(
-            f"num_heads must be a positive integer, got num_heads={num_heads!r} "
-            f"(width={width})"
-        )
-    if not isinstance(width, (int, np.integer)) or width < 1:
-        raise ValueError(
-            f"width must be a positive integer, got width={width!r} "
-            f"(num_heads={num_heads})"
-        )
+    num_heads = check_int(num_heads, "num_heads")
+    width = check_int(width, "width")
     if width % num_heads:
         raise ValueError(
             f"num_heads={num_heads} must divide width={width} (head_dim d = width / "
             "num_heads)"
         )
-    kv_width = width if kv_width is None else kv_width
-    if not isinstance(kv_width, (int, np.integer)) or kv_width < 1:
-        raise ValueError(
-            f"kv_width must be a positive integer, got kv_width={kv_width!r}"
-        )
+    kv_width = check_int(width if kv_width is None else kv_width, "kv_width")
     head_dim = width // num_heads
     kv_heads = (head_dim,) if multi_query else (num_heads, head_dim)  # (d,) or (h, d)
     shapes = {

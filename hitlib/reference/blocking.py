@@ -7,7 +7,7 @@ naive-loop twin (chapter 1a)."""
 # %% auto #0
 __all__ = ['space_to_depth', 'depth_to_space', 'depth_to_space_loops', 'block', 'check_unblock', 'unblock', 'block_loops',
            'unblock_loops', 'pixel_shuffle', 'upsample_nearest', 'upsample_nearest_loops', 'balanced_block_size',
-           'check_rank', 'check_block_size']
+           'check_rank', 'check_int', 'check_block_size']
 
 # %% ../../notebooks/01a_blocking_numpy.ipynb #adf104ca
 import numpy as np
@@ -34,9 +34,7 @@ def depth_to_space(x, block_size: int):
     (TensorFlow's `depth_to_space`, DCR order)."""
     check_rank(x.shape, 4, "x", "[B, H, W, C]")
     batch, height, width, channels = x.shape
-    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    p = block_size
+    p = check_int(block_size, "block_size")
     if channels % (p * p):
         raise ValueError(
             f"depth_to_space needs channels divisible by block_size**2={p * p}, got "
@@ -176,11 +174,25 @@ def check_rank(x_shape, rank: int, name: str, layout: str):
         )
 
 
+def check_int(value, name: str, minimum: int = 1) -> int:
+    """`int(value)` if `value` is an integer (Python or NumPy) >= `minimum`, else a
+    `ValueError` naming the argument and its value. `bool` is refused although Python
+    counts it as an `int`, and so are floats, even `2.0`: a size that arrives as the
+    wrong type is a mistake upstream, not something to round."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {name}={value!r}")
+    return int(value)
+
+
 def check_block_size(height: int, width: int, block_size: int):
     """Raise `ValueError` unless `block_size` is a positive integer dividing both
     `height` and `width`."""
-    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    check_int(block_size, "block_size")
     if height % block_size or width % block_size:
         raise ValueError(
             f"block_size={block_size} does not divide the feature map: "

@@ -22,6 +22,7 @@ from hitlib.reference.attention import (
     multi_query_attention,
     truncated_normal,
 )
+from .blocking import check_int
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #ac56fe16
 def latent_tokens(z, params, grid_size: int = 4):
@@ -197,19 +198,17 @@ def cross_attention_flops(
     C_kv = `kv_width`. Equals 2N(C² + L·C) + 2·L·C_kv·d (MQA, d = C/h) or
     2N(C² + L·C) + 2·L·C_kv·C (MHA). Biases, the logit scale and the softmax are not
     counted."""
-    for name, value in (
-        ("num_tokens", num_tokens),
-        ("width", width),
-        ("kv_width", kv_width),
-        ("num_heads", num_heads),
-        ("num_latents", num_latents),
-    ):
-        if (
-            not isinstance(value, (int, np.integer))
-            or isinstance(value, bool)
-            or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+    # Python ints from here on: a count of NumPy int32s would overflow at 2**31
+    num_tokens, width, kv_width, num_heads, num_latents = (
+        check_int(value, name)
+        for name, value in (
+            ("num_tokens", num_tokens),
+            ("width", width),
+            ("kv_width", kv_width),
+            ("num_heads", num_heads),
+            ("num_latents", num_latents),
+        )
+    )
     if width % num_heads:
         raise ValueError(f"num_heads={num_heads} must divide width={width}")
     head_dim = width // num_heads
@@ -220,7 +219,7 @@ def cross_attention_flops(
     logits = num_tokens * num_heads * num_latents * head_dim
     weighted = num_tokens * num_heads * num_latents * head_dim  # scores x values
     out = num_tokens * num_heads * head_dim * width  # [N, h, d] x [h, d, C]
-    return int(queries + keys_values + logits + weighted + out)
+    return queries + keys_values + logits + weighted + out
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #aed016cc
 def _shape(leaf):
@@ -234,14 +233,7 @@ def check_latent_params(z_shape, params, grid_size: int):
     grid of L = grid_size**2 tokens. Returns `(L, C0)`. Leaves may be arrays or shape
     tuples; shapes only, so it runs before any computation and the JAX module reuses
     it."""
-    if (
-        not isinstance(grid_size, (int, np.integer))
-        or isinstance(grid_size, bool)
-        or grid_size < 1
-    ):
-        raise ValueError(
-            f"grid_size must be a positive integer, got grid_size={grid_size!r}"
-        )
+    grid_size = check_int(grid_size, "grid_size")
     if len(z_shape) != 2:
         raise ValueError(f"z must have rank 2 [B, D], got shape {tuple(z_shape)}")
     if (

@@ -18,15 +18,11 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .blocking import check_rank
+from .blocking import check_int, check_rank
 from .layers import dense
 
 # %% ../../notebooks/09a_discriminator_numpy.ipynb #1b442b63
 DOWNSAMPLE_KINDS = ("blur", "avg")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +48,13 @@ class DiscriminatorConfig:
     mbstd_group_size: int = 4
 
     def __post_init__(self):
-        r = self.resolution
-        if not _is_int(r) or r < 8 or r & (r - 1):
+        r = check_int(self.resolution, "resolution", 8)
+        if r & (r - 1):
             raise ValueError(
                 f"resolution must be a power of two >= 8, got resolution={r!r}"
             )
         for name in ("channel_multiplier", "max_channels", "mbstd_group_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(
-                    f"{name} must be a positive integer, got {name}={value!r}"
-                )
+            check_int(getattr(self, name), name)
         if self.downsample not in DOWNSAMPLE_KINDS:
             raise ValueError(
                 f"downsample must be one of {DOWNSAMPLE_KINDS}, got "

@@ -10,13 +10,13 @@ __all__ = ['INCEPTION_SIZE', 'feature_statistics', 'feature_statistics_loops', '
            'polynomial_kernel', 'mmd2_unbiased', 'mmd2_unbiased_loops', 'kid_subset_indices',
            'kernel_inception_distance', 'bilinear_resize_matrix', 'resize_bilinear', 'resize_bilinear_loops',
            'preprocess_images', 'check_features', 'check_same_width', 'check_statistics', 'check_images', 'check_uint8',
-           'check_int', 'check_splits']
+           'check_splits']
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #fe3084b1
 import numpy as np
 import scipy.linalg
 
-from .blocking import check_rank
+from .blocking import check_int, check_rank
 
 # %% ../../notebooks/12a_evaluation_numpy.ipynb #8272f27c
 def feature_statistics(features):
@@ -194,15 +194,14 @@ def kid_subset_indices(
 ):
     """Row indices of the KID subsets, drawn without replacement within a subset:
     ([S, m], [S, m]) int arrays."""
-    if not isinstance(subset_size, (int, np.integer)) or not 2 <= subset_size <= min(
-        num_a, num_b
-    ):
+    subset_size = check_int(subset_size, "subset_size", 2)
+    if subset_size > min(num_a, num_b):
         raise ValueError(
             "subset_size must be an integer in [2, min(N_a, N_b)] = [2, "
             f"{min(num_a, num_b)}], got subset_size={subset_size!r} (N_a={num_a}, "
             f"N_b={num_b})"
         )
-    check_int(num_subsets, "num_subsets")
+    num_subsets = check_int(num_subsets, "num_subsets")
     rng = np.random.default_rng(seed)
     indices_a = np.stack(
         [rng.choice(num_a, subset_size, replace=False) for _ in range(num_subsets)]
@@ -345,25 +344,11 @@ def check_uint8(dtype, name: str = "images"):
         )
 
 
-def check_int(value, name: str, minimum: int = 1) -> int:
-    """`value` as an int; `ValueError` naming `name` unless it is an integer (not a
-    bool) >= `minimum`."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def check_splits(num_samples: int, num_splits: int):
     """Raise `ValueError` unless `num_splits` is a positive integer no larger than the
     number of samples."""
-    if (
-        not isinstance(num_splits, (int, np.integer))
-        or not 1 <= num_splits <= num_samples
-    ):
+    if check_int(num_splits, "num_splits") > num_samples:
         raise ValueError(
-            f"num_splits must be an integer in [1, N={num_samples}], got {num_splits!r}"
+            f"num_splits must be an integer in [1, N={num_samples}], got "
+            f"num_splits={num_splits!r}"
         )
