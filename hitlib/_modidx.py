@@ -106,7 +106,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'hitlib/config.py'),
                                'hitlib.config.StageSpec.num_blocks': ('config.html#stagespec.num_blocks', 'hitlib/config.py'),
                                'hitlib.config._attention_block_count': ('config.html#_attention_block_count', 'hitlib/config.py'),
-                               'hitlib.config._balanced_block_size': ('config.html#_balanced_block_size', 'hitlib/config.py'),
                                'hitlib.config._dense_count': ('config.html#_dense_count', 'hitlib/config.py'),
                                'hitlib.config._mlp_block_count': ('config.html#_mlp_block_count', 'hitlib/config.py'),
                                'hitlib.config._one_block_size': ('config.html#_one_block_size', 'hitlib/config.py'),

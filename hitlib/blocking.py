@@ -9,12 +9,8 @@ __all__ = ['space_to_depth', 'depth_to_space', 'block', 'unblock', 'pixel_shuffl
 # %% ../notebooks/01b_blocking_jax.ipynb #e11202bc
 import jax.numpy as jnp
 
-from hitlib.reference.blocking import (
-    check_block_size,
-    check_int,
-    check_rank,
-    check_unblock,
-)
+from .reference.blocking import check_block_size, check_int, check_rank
+from .reference.blocking import check_unblock
 
 # %% ../notebooks/01b_blocking_jax.ipynb #26c8bdde
 def space_to_depth(x, block_size: int):

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 from typing import Optional
 
-from .reference.blocking import check_int
+from .reference.blocking import balanced_block_size, check_int
 
 # %% ../notebooks/06_config.ipynb #c919a6ca
 ATTENTION_KINDS = ("multi_axis", "full", "axial", "blocked_local", "interleaved")
@@ -334,13 +334,6 @@ _SPECIAL = ("attention_stages",)
 OVERRIDE_KEYS = tuple(sorted(_SCALARS)) + _PER_STAGE + _SPECIAL
 
 
-def _balanced_block_size(size: int) -> int:
-    """Square-map twin of `hitlib.reference.blocking.balanced_block_size` (kept
-    NumPy-free; a test checks they agree)."""
-    candidates = [p for p in range(1, size + 1) if size % p == 0]
-    return min(candidates, key=lambda p: (abs(p * p - size * size // (p * p)), -p))
-
-
 def parse_value(key: str, text: str, kind):
     """The value of override `key=text` as `kind` (bool, int, float or str): the one
     parser of `key=value` text, for generator keys here and training keys (chapter
@@ -427,14 +420,14 @@ def apply_overrides(fields: dict, overrides) -> dict:
                 )
             lows = [b for b in fields["block_sizes"] if b is not None]
             fields["block_sizes"] = tuple(
-                (lows[i] if i < len(lows) else _balanced_block_size(8 * 2**i))
+                (lows[i] if i < len(lows) else balanced_block_size(8 * 2**i, 8 * 2**i))
                 if i < a
                 else None
                 for i in range(n)
             )
         elif key == "block_sizes" and is_text and value.strip().lower() == "balanced":
             fields[key] = tuple(
-                None if b is None else _balanced_block_size(8 * 2**i)
+                None if b is None else balanced_block_size(8 * 2**i, 8 * 2**i)
                 for i, b in enumerate(fields["block_sizes"])
             )
         elif key == "block_sizes" and _one_block_size(value) is not None:

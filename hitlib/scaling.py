@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from .reference.blocking import check_int
+
 # %% ../notebooks/08_speed_and_scaling.ipynb #c16fa0d9
 DATA_AXIS = "data"  # the one axis of data parallelism
 
@@ -105,11 +107,8 @@ def initialize_processes(
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"coordinator must look like HOST:PORT, got {coordinator!r}")
-    if not all(
-        isinstance(n, int) and not isinstance(n, bool)
-        for n in (num_processes, process_id)
-    ):
-        raise ValueError("num_processes and process_id must be integers")
+    num_processes = check_int(num_processes, "num_processes")
+    process_id = check_int(process_id, "process_id", 0)
     if not 0 <= process_id < num_processes:
         raise ValueError(
             f"process_id={process_id} must be in [0, num_processes={num_processes})"

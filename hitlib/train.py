@@ -43,7 +43,8 @@ from hitlib.checkpoints import (
 )
 from .discriminator import Discriminator
 from .generator import Generator
-from .recipes import RESUMABLE_FIELDS, TrainConfig, check_int
+from .recipes import RESUMABLE_FIELDS, TrainConfig
+from .reference.blocking import check_int
 from .sampling import generate, sample_latents, save_image_grid
 from hitlib.scaling import (
     DATA_AXIS,

@@ -18,7 +18,8 @@ import math
 import numpy as np
 
 from .attention import check_attention_params, is_multi_query, softmax
-from .blocking import block, check_block_size, check_rank, unblock
+from .blocking import block, check_block_size, check_int
+from .blocking import check_rank, unblock
 
 # %% ../../notebooks/03a_multi_axis_numpy.ipynb #5a000538
 def _project(x, params):
@@ -445,8 +446,7 @@ def check_attention_kind(
         ("channels", channels),
         ("num_heads", num_heads),
     ):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        check_int(value, name)
     if channels % num_heads:
         raise ValueError(
             f"num_heads={num_heads} must divide channels={channels} (head_dim d = "
