@@ -112,6 +112,11 @@ def steps_per_second(workdir):
     return round(float(np.median(rates)), 3) if rates else None
 
 
+def describe(name: str) -> dict:
+    table, row, generator, training = VARIANTS[name]
+    return {"table": table, "row": row, "generator": generator, "training": training}
+
+
 def load(path: Path, steps: int) -> dict:
     if path.exists():
         saved = json.loads(path.read_text())
@@ -120,6 +125,10 @@ def load(path: Path, steps: int) -> dict:
                 f"{path} holds a grid of {saved['steps']} steps, not {steps}: "
                 "move it away to start another"
             )
+        # a variant added to VARIANTS after the grid began joins it; one already run
+        # keeps the description it ran with
+        for name in VARIANTS:
+            saved["variants"].setdefault(name, describe(name))
         return saved
     return {
         "steps": steps,
@@ -127,15 +136,7 @@ def load(path: Path, steps: int) -> dict:
         "eval_seed": EVAL_SEED,
         "machine": f"{platform.processor() or platform.machine()}, CPU",
         "recipe": ["tiny", *GRID_RECIPE],
-        "variants": {
-            name: {
-                "table": table,
-                "row": row,
-                "generator": generator,
-                "training": training,
-            }
-            for name, (table, row, generator, training) in VARIANTS.items()
-        },
+        "variants": {name: describe(name) for name in VARIANTS},
         "runs": {},
     }
 

@@ -37,3 +37,20 @@ def test_a_cell_is_recorded_once_and_skipped_when_the_grid_resumes(tmp_path):
     other = run_grid(results, "--steps", "3", "--seeds", "0", "--only", "inr")
     assert other.returncode != 0 and "holds a grid of 2 steps" in other.stderr
     assert json.loads((results / "ablations.json").read_text()) == grid
+
+
+def test_a_variant_added_after_the_grid_began_joins_it(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    saved = {"steps": 2, "variants": {"inr": {"table": "5", "row": "as it ran", "generator": [],
+                                               "training": []}}, "runs": {}}
+    (results / "ablations.json").write_text(json.dumps(saved))
+    sys.path.insert(0, str(RUNNER.parent))
+    try:
+        import ablations
+    finally:
+        sys.path.remove(str(RUNNER.parent))
+    grid = ablations.load(results / "ablations.json", 2)
+    assert grid["variants"]["inr"]["row"] == "as it ran"  # what ran is kept as it ran
+    assert set(grid["variants"]) == set(ablations.VARIANTS)
+    assert grid["variants"]["bcr"]["training"] == ["bcr_weight=10"]
