@@ -324,7 +324,7 @@ def real_images_uint8(data_folder, resolution: int, batch: int = 256):
 def command_stats(args) -> int:
     """`hitlib stats OUT.npz`: the real data's reference statistics for FID (and KID
     with --features). An existing OUT is kept unless --force."""
-    from hitlib import checkpoints, evaluate, inception
+    from hitlib import checkpoints, evaluate
 
     if Path(args.output).expanduser().exists() and not args.force:
         raise FileExistsError(
@@ -346,7 +346,7 @@ def command_stats(args) -> int:
         resolution = 32
     dataset = args.dataset or dataset_name(data_folder)
     # before reading any image: fail fast
-    model = inception.load_inception_weights(args.weights)
+    model = evaluate.load_protocol_model(args.protocol, args.weights)
     stats = evaluate.compute_reference_stats(
         real_images_uint8(data_folder, resolution),
         model,
@@ -358,8 +358,8 @@ def command_stats(args) -> int:
     path = evaluate.save_stats(args.output, stats)
     print(
         f"reference statistics of {stats['num_samples']} images of {dataset!r} at "
-        f"{stats['resolution']}×"
-        f"{stats['resolution']} (Inception weights {stats['weights']}"
+        f"{stats['resolution']}×{stats['resolution']} (protocol {stats['protocol']}, "
+        f"Inception weights {stats['weights']}"
         f"{', features kept for KID' if args.features else ''}): {path}"
     )
     return 0
@@ -390,8 +390,8 @@ def evaluate_fdd(run, args) -> dict:
 
 def evaluate_inception(run, args) -> dict:
     """FID, IS or KID (chapter 12c) of the EMA generator: batched, split over the
-    devices, against --stats."""
-    from hitlib import evaluate, inception, sampling, scaling
+    devices, against --stats, under --protocol (standard or hit, chapter 12d)."""
+    from hitlib import evaluate, sampling, scaling
 
     resolution = run.config.generator_config.resolution
     dataset = args.dataset or dataset_name(run.config.data)
@@ -405,14 +405,18 @@ def evaluate_inception(run, args) -> dict:
                 "pass --stats OUT.npz"
             )
         stats = evaluate.load_stats(
-            args.stats, expected_resolution=resolution, expected_dataset=dataset
+            args.stats,
+            expected_resolution=resolution,
+            expected_dataset=dataset,
+            expected_protocol=args.protocol,
         )
         if args.metric == "kid" and "features" not in stats:
             raise ValueError(
                 f"{args.stats} holds no features, which KID needs: recompute it with "
                 f"`hitlib stats {args.stats} --features --force ...`"
             )
-    model = inception.load_inception_weights(args.weights)
+    # the protocol's weights, checked before any image is generated
+    model = evaluate.load_protocol_model(args.protocol, args.weights)
     result = evaluate.evaluate_generator(
         sampling.generator_fn(run.generator, scaling.data_mesh()),
         run.config.generator_config.latent_dim,
@@ -422,6 +426,7 @@ def evaluate_inception(run, args) -> dict:
         stats,
         args.batch_size,
         args.seed,
+        protocol=args.protocol,
         progress=not args.quiet,
     )
     if args.stats is not None and stats is not None:
@@ -445,6 +450,11 @@ def command_eval(args) -> int:
         raise ValueError(
             "--workdir is needed to evaluate a run (the real data's reference "
             "statistics are `hitlib stats OUT.npz`)"
+        )
+    if args.metric == "fdd" and args.protocol != "standard":
+        raise ValueError(
+            "--protocol chooses the Inception network of fid, is and kid; fdd uses "
+            "chapter 11b's digit features"
         )
     run = train.load_run(args.workdir, args.step)
     if args.num_samples is None:
@@ -690,8 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute the reference statistics of the real images (--data, "
         "else the run's data with --workdir, else the embedded digits) for FID (and "
         "KID with --features), and write them to OUTPUT (an existing file only with "
-        "--force). They need the converted Inception weights (--weights, "
-        "$HITLIB_INCEPTION_WEIGHTS or ~/.cache/hitlib/fid_inception_v3.npz).",
+        "--force), under --protocol. They need the protocol's converted Inception "
+        "weights (--weights; see --protocol).",
     )
     stats.add_argument("output", metavar="OUTPUT", help="the .npz to write")
     stats.add_argument(
@@ -723,9 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the EMA generator's samples",
         description="Evaluate the run in --workdir and write "
         "WORKDIR/eval/METRIC_stepNNNNNNN.json. FID and KID compare with the real "
-        "data's reference statistics (`hitlib stats`); FID, IS and KID need the "
-        "converted Inception weights (--weights, $HITLIB_INCEPTION_WEIGHTS or "
-        "~/.cache/hitlib/fid_inception_v3.npz).",
+        "data's reference statistics (`hitlib stats`, under the same --protocol); "
+        "FID, IS and KID need the protocol's converted Inception weights (--weights; "
+        "see --protocol).",
     )
     evaluate.add_argument("--workdir", default=None, help="the run to evaluate")
     evaluate.add_argument(
@@ -760,7 +770,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for command in (stats, evaluate):  # what both read
         command.add_argument(
-            "--weights", default=None, help="converted Inception weights (.npz)"
+            "--protocol",
+            choices=["standard", "hit"],
+            default="standard",
+            help="standard (default): the FID Inception graph of pytorch-fid on uint8 "
+            "images (chapter 12b); hit: the HiT release's, Keras' ImageNet "
+            "Inception-v3 on unrounded floats (chapter 12d). FIDs under the two are "
+            "not comparable",
+        )
+        command.add_argument(
+            "--weights",
+            "--inception-weights",
+            dest="weights",
+            default=None,
+            metavar="PATH",
+            help="the protocol's converted Inception weights (.npz); default: "
+            "standard $HITLIB_INCEPTION_WEIGHTS or ~/.cache/hitlib/fid_inception_v3.npz"
+            ", hit $HITLIB_KERAS_INCEPTION_WEIGHTS or "
+            "~/.cache/hitlib/keras_inception_v3.npz",
         )
         command.add_argument(
             "--batch-size",

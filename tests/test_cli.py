@@ -16,8 +16,8 @@ from PIL import Image
 
 import jax
 
-from hitlib import (checkpoints, cli, config, data, evaluate, generator, inception, recipes,
-                    sampling, train)
+from hitlib import (checkpoints, cli, config, data, evaluate, generator, inception, keras_inception,
+                    recipes, sampling, train)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["batch_size=4", "d_max_channels=8", "widths=32,16,8", "latent_dim=16", "checkpoint_every=2", "log_every=2",
@@ -350,3 +350,49 @@ def test_workdir_that_is_a_file_is_a_usage_error(capsys, tmp_path):
     (tmp_path / "afile").write_text("x")
     assert cli.main(["train", "--workdir", str(tmp_path / "afile"), "--quiet", *SMALL]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- --protocol hit (chapter 12d)
+@pytest.fixture(scope="module")
+def keras_weights(tmp_path_factory):
+    "A converted-weights file of random weights for Keras' Inception-v3 (chapter 12d's format)."
+    flat = keras_inception.random_keras_weights(seed=3)
+    return keras_inception.save_keras_weights(tmp_path_factory.mktemp("keras") / "random_keras.npz", flat)
+
+
+def test_hit_protocol_stats_then_fid_and_is(capsys, run_dir, keras_weights, digits, tmp_path):
+    options = ["--protocol", "hit", "--inception-weights", str(keras_weights), "--batch-size", "8", "--quiet"]
+    stats_file = tmp_path / "digits_hit.npz"
+    assert cli.main(["stats", str(stats_file), "--data", str(digits), "--resolution", "32", *options]) == 0
+    assert "12 images of 'digits' at 32×32 (protocol hit" in capsys.readouterr().out
+    stats = evaluate.load_stats(stats_file, expected_protocol="hit")
+    fingerprint = evaluate.weights_fingerprint(keras_inception.load_keras_inception_weights(keras_weights))
+    assert stats["weights"] == fingerprint and stats["num_samples"] == 12
+    base = ["eval", "--workdir", str(run_dir), "--num-samples", "10", "--stats", str(stats_file), "--dataset", "digits"]
+    for metric in ("fid", "is"):
+        assert cli.main([*base, "--metric", metric, *options]) == 0
+        assert "step 2, 10 samples of the EMA generator" in capsys.readouterr().out
+        result = json.loads((run_dir / "eval" / f"{metric}_step0000002.json").read_text())
+        assert (result["protocol"], result["weights"], result["num_samples"]) == ("hit", fingerprint, 10)
+    assert result["is_mean"] >= 1.0 - 1e-6
+    # the same statistics under the standard protocol: refused in one line, before any weights are read
+    assert cli.main([*base, "--metric", "fid", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'hit' FID protocol, but this evaluation uses 'standard'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_hit_protocol_weights_file_is_checked_first(capsys, run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(keras_inception.KERAS_WEIGHTS_ENV, str(tmp_path / "none.npz"))
+    base = ["eval", "--workdir", str(run_dir), "--num-samples", "10", "--metric", "is", "--protocol", "hit"]
+    np.savez(tmp_path / "foreign.npz", kernel=np.zeros(3, np.float32))  # not Keras' Inception weights
+    (tmp_path / "junk.npz").write_bytes(b"not an npz")
+    for weights, message in ((None, "no Keras Inception weights at"), ("junk.npz", "is not a readable .npz"),
+                             ("foreign.npz", "missing key 'batch_normalization/beta'")):
+        extra = [] if weights is None else ["--inception-weights", str(tmp_path / weights)]
+        assert cli.main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and str(tmp_path / (weights or "none.npz")) in err and len(err.splitlines()) == 1
+    assert cli.main(["stats", str(tmp_path / "out.npz"), "--protocol", "hit"]) == 2
+    assert "no Keras Inception weights at" in capsys.readouterr().err and not (tmp_path / "out.npz").exists()
+    assert cli.main(["eval", "--workdir", str(run_dir), "--metric", "fdd", "--protocol", "hit"]) == 2
+    assert "--protocol chooses the Inception network" in capsys.readouterr().err

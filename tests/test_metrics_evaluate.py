@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hitlib import data, evaluate, inception
+from hitlib import data, evaluate, inception, keras_inception
 from hitlib.reference import metrics as ref
 from hitlib.sampling import sample_latents
 from helpers import run_python
@@ -89,9 +89,10 @@ def test_stats_file_round_trip_is_plain_arrays(tmp_path):
     stats = _fake_stats()
     path = evaluate.save_stats(tmp_path / "sub" / "stats.npz", stats)
     with np.load(path, allow_pickle=False) as archive:  # no object arrays
-        assert sorted(archive.files) == sorted(stats)
+        assert sorted(archive.files) == sorted([*stats, "protocol"])  # the protocol is always written
     loaded = evaluate.load_stats(path, expected_resolution=32, expected_dataset="mnist5k")
     assert loaded["num_samples"] == 10 and loaded["resolution"] == 32 and isinstance(loaded["resolution"], int)
+    assert loaded["protocol"] == "standard"  # a dict without 'protocol' is the standard protocol's
     assert loaded["dataset"] == "mnist5k" and loaded["weights"] == "00112233aabbccdd"
     np.testing.assert_array_equal(loaded["mu"], stats["mu"])
     np.testing.assert_array_equal(loaded["sigma"], stats["sigma"])
@@ -262,3 +263,68 @@ def test_sharded_over_two_devices_equals_one_device(model, stats, tmp_path):
     np.testing.assert_allclose(sharded["fid"], single["fid"], rtol=1e-5)
     np.testing.assert_allclose((sharded["is_mean"], sharded["is_std"]), (single["is_mean"], single["is_std"]),
                                rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the HiT release's protocol (chapter 12d)
+
+@pytest.fixture(scope="module")
+def keras_model():
+    return keras_inception.random_keras_inception_v3(seed=1)
+
+
+@pytest.fixture(scope="module")
+def hit_stats(keras_model):
+    return evaluate.compute_reference_stats(reference_images(), keras_model, BATCH, dataset="noise8",
+                                            keep_features=True, progress=False)
+
+
+def test_hit_protocol_scores_the_unrounded_floats(keras_model, hit_stats):
+    params = keras_model.as_params()
+    # the real images: uint8, scaled to [-1, 1] by hit_preprocess, through Keras' network
+    real_pool, _ = keras_inception.keras_inception_hit(params, jnp.asarray(reference_images()))
+    assert hit_stats["protocol"] == "hit" and hit_stats["weights"] == evaluate.weights_fingerprint(keras_model)
+    np.testing.assert_allclose(hit_stats["features"], real_pool, rtol=1e-5, atol=1e-5 * np.abs(real_pool).max())
+    results = evaluate.evaluate_generator(generate, LATENT_DIM, 6, ("fid", "is"), keras_model, hit_stats,
+                                          batch_size=BATCH, seed=2, num_splits=2, progress=False)
+    # the generated floats as they are: not clipped, not rounded; Keras' logits with their bias
+    images = generate(sample_latents(2, np.arange(6), LATENT_DIM))
+    pool, logits = (np.asarray(a) for a in keras_inception.keras_inception_hit(params, images))
+    expected_fid = evaluate.frechet_distance_low_rank(pool, hit_stats["mu"], hit_stats["sigma"])
+    np.testing.assert_allclose(results["fid"], expected_fid, rtol=1e-4)
+    np.testing.assert_allclose((results["is_mean"], results["is_std"]), ref.inception_score(logits, 2), rtol=1e-4,
+                               atol=1e-6)
+    assert results["protocol"] == "hit" and results["weights"] == hit_stats["weights"]
+    # rounding to uint8 (the standard protocol's pixels) would have given other features
+    rounded_pool, _ = keras_inception.keras_inception_hit(params, data.to_uint8(images))
+    assert np.abs(np.asarray(rounded_pool) - pool).max() > 1e-3 * np.abs(pool).max()
+
+
+def test_protocols_refuse_each_others_statistics(model, stats, keras_model, hit_stats, tmp_path):
+    arguments = dict(batch_size=BATCH, progress=False)
+    with pytest.raises(ValueError, match="'hit' FID protocol, but this evaluation uses 'standard'"):
+        evaluate.evaluate_generator(generate, LATENT_DIM, 4, "fid", model, hit_stats, **arguments)
+    with pytest.raises(ValueError, match="'standard' FID protocol, but this evaluation uses 'hit'.*not comparable"):
+        evaluate.evaluate_generator(generate, LATENT_DIM, 4, "fid", keras_model, stats, **arguments)
+    with pytest.raises(ValueError, match="protocol 'hit' was asked for, but the model is the 'standard'"):
+        evaluate.evaluate_generator(generate, LATENT_DIM, 4, "fid", model, stats, protocol="hit", **arguments)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate.evaluate_generator(generate, LATENT_DIM, 4, "fid", stats=stats, protocol="keras", **arguments)
+    with pytest.raises(TypeError, match="model must be an InceptionV3"):
+        evaluate.FeatureExtractor(object(), BATCH)
+    # the file keeps the protocol; a file from before chapter 12d (no 'protocol') is a standard one
+    path = evaluate.save_stats(tmp_path / "hit.npz", hit_stats)
+    assert evaluate.load_stats(path, expected_protocol="hit")["protocol"] == "hit"
+    with pytest.raises(ValueError, match=r"hit.npz holds reference statistics of the 'hit' FID protocol"):
+        evaluate.load_stats(path, expected_protocol="standard")
+    old = {k: v for k, v in _fake_stats().items()}
+    np.savez(tmp_path / "old.npz", **old)
+    assert evaluate.load_stats(tmp_path / "old.npz", expected_protocol="standard")["protocol"] == "standard"
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate.save_stats(tmp_path / "x.npz", _fake_stats(protocol="keras"))
+
+
+def test_missing_keras_weights_file_says_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        evaluate.evaluate_generator(generate, LATENT_DIM, 10, "is", model=tmp_path / "none.npz", protocol="hit")
+    assert str(tmp_path / "none.npz") in str(error.value)
+    assert keras_inception.KERAS_WEIGHTS_FILE_NAME in str(error.value)
