@@ -5,7 +5,7 @@ weights, with its FLOP and memory summary (chapter 7b)."""
 
 # %% auto #0
 __all__ = ['INFERENCE_TILE_TOKENS', 'cast', 'compute_dtype', 'Projection', 'Dense', 'Norm', 'Attention', 'MLPBlock', 'ToRGB',
-           'LatentEmbedding', 'AttentionBlock', 'Stage', 'Generator', 'tile_size', 'reference_params',
+           'LatentEmbedding', 'LatentUpdate', 'AttentionBlock', 'Stage', 'Generator', 'tile_size', 'reference_params',
            'load_reference_params', 'abstract_generator', 'stage_activation_bytes', 'summary']
 
 # %% ../notebooks/07b_generator_flax.ipynb #cd885b01
@@ -18,6 +18,7 @@ from flax import nnx
 
 from .config import GeneratorConfig, StageSpec
 from .cross_attention import cross_attention, latent_tokens
+from .cross_attention import duplex_cross_attention, latent_update
 from hitlib.layers import (
     batch_moments,
     batch_norm,
@@ -102,8 +103,8 @@ class Norm(nnx.Module):
 # %% ../notebooks/07b_generator_flax.ipynb #23e58c0a
 class Attention(nnx.Module):
     """Multi-query (Algorithm 2) or multi-head attention parameters: query [C, h, d],
-    key/value [C_kv, d] or [C_kv, h, d], out [h, d, C]. The computation (which
-    attention, on which layout) is the caller's."""
+    key/value [C_kv, d] or [C_kv, h, d], out [h, d, C]; d = C/h unless `head_dim` is
+    given. The computation (which attention, on which layout) is the caller's."""
 
     def __init__(
         self,
@@ -113,8 +114,10 @@ class Attention(nnx.Module):
         multi_query: bool = True,
         *,
         rngs: nnx.Rngs,
+        head_dim: int = None,
     ):
-        head_dim = width // num_heads
+        # d = C/h, unless given (duplex's update: queries of width C0, d = C/h)
+        head_dim = width // num_heads if head_dim is None else head_dim
         kv_heads = (head_dim,) if multi_query else (num_heads, head_dim)
         self.query = Projection(
             (width, num_heads, head_dim), (num_heads, head_dim), rngs=rngs
@@ -178,6 +181,45 @@ class LatentEmbedding(nnx.Module):
         # [B, L, C0]
         return self.norm(latent_tokens(z, params, grid_size=self.grid_size), train)
 
+
+class LatentUpdate(nnx.Module):
+    """Duplex modulation's update of the latent tokens (chapter 4a's `latent_update`):
+    K' = LN(K + MQA(K, LN(X))), with the stage's h heads of width d = C/h.
+    keys [B, L, C0], x [B, H, W, C] or [B, N, C] -> [B, L, C0]. Layer norms whatever
+    the generator's norm (no batch statistics)."""
+
+    def __init__(
+        self,
+        width: int,
+        latent_width: int,
+        num_heads: int,
+        multi_query: bool = True,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.image_norm = Norm(width, "layer")
+        # query [C0, h, d], key/value [C, d] (or [C, h, d]), out [h, d, C0]
+        self.attention = Attention(
+            latent_width,
+            num_heads,
+            width,
+            multi_query,
+            rngs=rngs,
+            head_dim=width // num_heads,
+        )
+        self.latent_norm = Norm(latent_width, "layer")
+
+    def __call__(self, keys, x):
+        def norm_params(norm):
+            return cast({"scale": norm.scale[...], "bias": norm.bias[...]}, x.dtype)
+
+        params = {
+            "image_norm": norm_params(self.image_norm),
+            "attention": self.attention.as_params(x.dtype),
+            "latent_norm": norm_params(self.latent_norm),
+        }
+        return latent_update(keys, x, params)  # [B, L, C0]
+
 # %% ../notebooks/07b_generator_flax.ipynb #53d71bde
 class AttentionBlock(nnx.Module):
     """x + Attention(norm(x), context), then an MLP block; context = the latent Z
@@ -198,10 +240,15 @@ class AttentionBlock(nnx.Module):
         )
         self.mlp = MLPBlock(width, config.norm, config.mlp_ratio, rngs=rngs)
 
-    def cross_attend(self, x, latent, train: bool = False):
-        "x [B, H, W, C] reads latent [B, L, C0]."
+    def cross_attend(self, x, latent, train: bool = False, keys=None):
+        """x [B, H, W, C] reads latent [B, L, C0]; with duplex's updated tokens `keys`
+        [B, L, C0], the keys come from them and the values from latent."""
         y = self.norm(x, train)
-        x = x + cross_attention(y, latent, self.attention.as_params(x.dtype))
+        params = self.attention.as_params(x.dtype)
+        if keys is None:
+            x = x + cross_attention(y, latent, params)
+        else:
+            x = x + duplex_cross_attention(y, latent, keys, params)
         return self.mlp(x, train)
 
     def self_attend(self, x, kind: str, block_size: int, train: bool = False):
@@ -252,20 +299,37 @@ class Stage(nnx.Module):
             if spec.needs_transition_dense
             else None
         )
+        # duplex modulation only, drawn last (a simplex stage draws as before)
+        self.latent_update = (
+            LatentUpdate(
+                width, config.widths[0], spec.num_heads, config.multi_query, rngs=rngs
+            )
+            if config.modulation == "duplex"
+            else None
+        )
 
-    def __call__(self, x, latent, image, train: bool = False, tiled: bool = True):
+    def __call__(
+        self, x, latent, image, train: bool = False, tiled: bool = True, keys=None
+    ):
         """x [B, H, W, C], latent [B, L, C0] (None without cross-attention), image
         [B, H/2, W/2, 3] or None -> (x for the next stage [B, 2H, 2W, C_next] (the last
         stage: its own map), image [B, H, W, 3] or None).
 
         tiled: run a high-resolution stage's `body` tile by tile at inference (the
-        same numbers, less memory traffic; `_on_tiles`)."""
+        same numbers, less memory traffic; `_on_tiles`).
+
+        Duplex modulation: `keys` [B, L, C0] are the tokens the previous stage updated
+        (None: Z); the stage updates them from its whole map before its body reads
+        them, and returns (x, image, keys)."""
         spec = self.spec
         x = x + self.pos[...].astype(x.dtype)  # X + P_l
+        duplex = self.latent_update is not None
+        if duplex:  # K_l = LN(K_{l-1} + MQA(K_{l-1}, LN(X_l))), [B, L, C0]
+            keys = self.latent_update(latent if keys is None else keys, x)
         if tiled and not train and not spec.is_low_resolution:
-            x, rgb = _on_tiles(lambda tile: self.body(tile, latent), x)
+            x, rgb = _on_tiles(lambda tile: self.body(tile, latent, keys=keys), x)
         else:
-            x, rgb = self.body(x, latent, train)
+            x, rgb = self.body(x, latent, train, keys)
         if rgb is not None:
             image = rgb_skip(image, rgb)
         if spec.next_width is not None:
@@ -273,18 +337,18 @@ class Stage(nnx.Module):
                 None if self.transition is None else self.transition.as_params(x.dtype)
             )
             x = stage_transition(x, params)
-        return x, image
+        return (x, image, keys) if duplex else (x, image)
 
-    def body(self, x, latent, train: bool = False):
+    def body(self, x, latent, train: bool = False, keys=None):
         """The stage after X + P_l: cross-attention to Z, the L_l blocks and, at high
         resolution, the colours. x [B, H, W, C] -> (x [B, H, W, C], rgb [B, H, W, 3]
-        float32, or None at low resolution).
+        float32, or None at low resolution). keys: duplex's updated tokens or None.
 
         At inference a high-resolution body acts on each pixel alone, so there x may
         also be a tile of pixels [B, S, C] (`_on_tiles`)."""
         spec = self.spec
         if self.cross is not None:
-            x = self.cross.cross_attend(x, latent, train)
+            x = self.cross.cross_attend(x, latent, train, keys)
         for layer, block_module in enumerate(self.blocks):
             if spec.is_low_resolution:
                 kind = layer_attention_kind(spec.attention, layer)
@@ -335,9 +399,12 @@ class Generator(nnx.Module):
         z = z.astype(compute_dtype(config))
         x = self.initial(z).reshape(z.shape[0], 8, 8, config.widths[0])  # [B, 8, 8, C0]
         latent = None if self.latent is None else self.latent(z, train)  # [B, L, C0]
-        image = None
+        image = keys = None  # keys: duplex's updated latent tokens, stage to stage
         for stage in self.stages:
-            x, image = stage(x, latent, image, train)
+            if stage.latent_update is None:
+                x, image = stage(x, latent, image, train)
+            else:
+                x, image, keys = stage(x, latent, image, train, keys=keys)
         return image  # [B, R, R, 3] float32
 
 # %% ../notebooks/07b_generator_flax.ipynb #bdee98ff
@@ -477,6 +544,8 @@ def stage_activation_bytes(spec: StageSpec, config: GeneratorConfig) -> int:
         entries += per_block + tokens * config.latent_grid**2 * spec.num_heads
     if spec.is_low_resolution:
         entries += spec.num_layers * _attention_weights_per_image(spec)
+    if config.modulation == "duplex":  # the update: LN(X) and its scores [h, L, N]
+        entries += tokens * width + tokens * config.latent_grid**2 * spec.num_heads
     return 4 * entries
 
 

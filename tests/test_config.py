@@ -250,3 +250,79 @@ def test_multi_head_attention_counts_one_key_value_head_per_query_head():
     mqa = parameter_counts(get_config("hit-l-128"))["total"]
     mha = parameter_counts(get_config("hit-l-128", ["multi_query=false"]))["total"]
     assert round(mha / 1e6, 2) == 76.38 and mha > mqa
+
+
+# --- modulation: GANsformer's duplex attention as an option (chapters 4a, 6) ------------------------------------------
+
+
+def test_modulation_default_is_the_papers_simplex():
+    assert all(get_config(name).modulation == "simplex" for name in PRESET_NAMES)
+    from hitlib.config import MODULATION_KINDS
+    assert MODULATION_KINDS == ("simplex", "duplex")
+    # the field is last, with a default: positional construction of the other fields is unchanged
+    assert [f.name for f in dataclasses.fields(GeneratorConfig)][-1] == "modulation"
+
+
+def test_modulation_override_parses_like_the_other_generator_overrides():
+    from hitlib.config import OVERRIDE_KEYS
+    assert "modulation" in OVERRIDE_KEYS
+    duplex = get_config("tiny", ["modulation=duplex"])
+    assert duplex.modulation == "duplex"
+    assert get_config("tiny", [" modulation = duplex "]) == duplex  # whitespace stripped, as for every key
+    assert get_config("tiny", {"modulation": "duplex"}) == duplex
+    assert get_config("tiny", ["modulation=duplex", "norm=layer", "multi_query=false"]).norm == "layer"
+    assert get_config("tiny", ["modulation=duplex", "modulation=simplex"]) == get_config("tiny")  # in order
+    with pytest.raises(ValueError, match="did you mean 'modulation'"):
+        get_config("tiny", ["modulaton=duplex"])
+
+
+def test_modulation_reaches_the_generator_through_a_recipe():
+    from hitlib import recipes
+    config = recipes.train_config("tiny", ["modulation=duplex"])
+    assert "modulation=duplex" in config.generator_overrides
+    assert get_config("tiny", list(config.generator_overrides)).modulation == "duplex"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["modulation=triplex"], "modulation must be one of ('simplex', 'duplex'), got modulation='triplex'"),
+        (["modulation=Duplex"], "modulation must be one of ('simplex', 'duplex'), got modulation='Duplex'"),
+        ({"modulation": None}, "modulation must be one of"),
+        (["modulation=duplex", "cross_attention=false"], "modulation='duplex' updates the latent tokens that "
+                                                        "cross-attention reads: it needs cross_attention=true"),
+        (["cross_attention=false", "attention_stages=0", "modulation=duplex"], "it needs cross_attention=true"),
+    ],
+)
+def test_bad_modulation_names_the_field(overrides, message):
+    with pytest.raises(ValueError) as error:
+        get_config("tiny", overrides)
+    assert message in str(error.value)
+
+
+def latent_update_count(width, heads, c0, multi_query=True):
+    "Layer norm [C], query [C0, h, d] + [h, d], key/value [C, d] + [d] (or per head), out [h, d, C0] + [C0], norm [C0]."
+    d = width // heads
+    kv = d if multi_query else heads * d
+    return 2 * width + (c0 * heads * d + heads * d) + 2 * (width * kv + kv) + (heads * d * c0 + c0) + 2 * c0
+
+
+@pytest.mark.parametrize("name", ["hit-l-128", "tiny", "hit-b-256"])
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_duplex_adds_one_latent_update_per_stage(name, multi_query):
+    extra = [] if multi_query else ["multi_query=false"]
+    simplex = parameter_counts(get_config(name, extra))
+    config = get_config(name, extra + ["modulation=duplex"])
+    duplex = parameter_counts(config)
+    c0 = config.widths[0]
+    added = [latent_update_count(s.width, s.num_heads, c0, multi_query) for s in config.stages]
+    assert [d - s for d, s in zip(duplex["stages"], simplex["stages"])] == added
+    assert duplex["latent"] == simplex["latent"] and duplex["initial"] == simplex["initial"]
+    assert duplex["total"] == simplex["total"] + sum(added)
+
+
+def test_duplex_parameter_counts_at_imagenet_128_and_tiny():
+    # the numbers chapter 6 prints: 67.60M -> 72.06M at ImageNet 128, 1,185,683 -> 1,255,715 at tiny
+    assert parameter_counts(get_config("hit-l-128", ["modulation=duplex"]))["total"] == 72_064_515
+    assert parameter_counts(get_config("tiny"))["total"] == 1_185_683
+    assert parameter_counts(get_config("tiny", ["modulation=duplex"]))["total"] == 1_255_715

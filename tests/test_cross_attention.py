@@ -367,3 +367,169 @@ def test_flops_bad_input(args, message):
     with pytest.raises(ValueError) as error:
         ref.cross_attention_flops(*args)
     assert message in str(error.value)
+
+
+# --- duplex attention (GANsformer, section 3.1.2; chapter 4a's option) ------------------------------------------------
+
+
+def random_update_params(seed, width, latent_width, num_heads, multi_query=True, kernel_scale=20.0):
+    "`latent_update` parameters with random biases and layer norms; attention kernels scaled up (scores far from uniform)."
+    p = ref.init_latent_update_params(np.random.default_rng(seed), width, latent_width, num_heads,
+                                      multi_query=multi_query, bias_std=0.5, random_norm=True)
+    for leaf in p["attention"].values():
+        leaf["kernel"] = leaf["kernel"] * np.float32(kernel_scale)
+    return p
+
+
+@st.composite
+def duplex_cases(draw):
+    """(x [B, H, W, C] or [B, N, C], latent Z [B, L, C0], keys K [B, L, C0], cross params, update params), float32,
+    random flavour and small random shapes."""
+    multi_query = draw(st.booleans())
+    num_heads, head_dim = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    width = num_heads * head_dim
+    latent_width = draw(st.integers(1, 5))
+    batch = draw(st.integers(1, 2))
+    spatial = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=2)))
+    num_latents = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**16))
+    data = np.random.default_rng(seed)
+    x = data.standard_normal((batch,) + spatial + (width,)).astype(np.float32)
+    latent, keys = (data.standard_normal((batch, num_latents, latent_width)).astype(np.float32) for _ in range(2))
+    return (x, latent, keys, random_params(seed, width, num_heads, latent_width, multi_query),
+            random_update_params(seed + 1, width, latent_width, num_heads, multi_query))
+
+
+@given(duplex_cases())
+def test_duplex_matches_loops(case):
+    x, latent, keys, p_cross, p_update = (as_float64(a) for a in case)
+    updated = ref.latent_update(keys, x, p_update)
+    assert updated.shape == keys.shape
+    np.testing.assert_allclose(updated, ref.latent_update_loops(keys, x, p_update), rtol=1e-10, atol=1e-12)
+    out = ref.duplex_cross_attention(x, latent, updated, p_cross)
+    assert out.shape == x.shape
+    np.testing.assert_allclose(out, ref.duplex_cross_attention_loops(x, latent, updated, p_cross),
+                               rtol=1e-10, atol=1e-12)
+
+
+@given(duplex_cases())
+def test_duplex_with_keys_from_z_is_cross_attention(case):
+    x, latent, _, p_cross, _ = as_float64(case)
+    np.testing.assert_allclose(ref.duplex_cross_attention(x, latent, latent, p_cross),
+                               ref.cross_attention(x, latent, p_cross), rtol=1e-12, atol=1e-12)
+
+
+def test_latent_update_is_u_a_written_out():
+    # K' = LN(K + MQA(K, LN(X))) with chapter 5's layer norm and chapter 2's attention (GANsformer's u^a(Y, X)).
+    from hitlib.reference import layers as ref_layers
+    rng = np.random.default_rng(30)
+    x, keys = rng.standard_normal((2, 3, 4, 8)), rng.standard_normal((2, 16, 6))
+    p = as_float64(random_update_params(31, 8, 6, 2))
+    context = ref_layers.layer_norm(x.reshape(2, 12, 8), p["image_norm"])
+    attended = ref_attention.multi_query_attention(keys, context, p["attention"])
+    np.testing.assert_allclose(ref.latent_update(keys, x, p),
+                               ref_layers.layer_norm(keys + attended, p["latent_norm"]), rtol=1e-12, atol=1e-12)
+
+
+@given(duplex_cases(), st.integers(0, 2**16))
+def test_latent_update_ignores_the_order_of_the_pixels(case, seed):
+    x, _, keys, _, p_update = case
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, C]
+    perm = np.random.default_rng(seed).permutation(tokens.shape[1])
+    assert_close(ref.latent_update(keys, tokens[:, perm], p_update), ref.latent_update(keys, x, p_update))
+
+
+@jax.jit
+def jax_duplex(x, latent, keys, p_cross, p_update):
+    "The JAX update and top-down step in one compiled program."
+    updated = cross_attention.latent_update(keys, x, p_update)
+    return updated, cross_attention.duplex_cross_attention(x, latent, updated, p_cross)
+
+
+@given(duplex_cases())
+def test_jax_duplex_equals_numpy(case):
+    # float32 parity: rtol 1e-5, atol a millionth of the largest output (assert_close).
+    x, latent, keys, p_cross, p_update = case
+    updated, out = jax_duplex(*(jnp.asarray(a) for a in (x, latent, keys)), to_jax(p_cross), to_jax(p_update))
+    expected_keys = ref.latent_update(keys, x, p_update)
+    assert updated.dtype == out.dtype == jnp.float32 and out.shape == x.shape
+    assert_close(updated, expected_keys)
+    assert_close(out, ref.duplex_cross_attention(x, latent, expected_keys, p_cross))
+
+
+def test_jax_duplex_grad_and_bfloat16():
+    rng = np.random.default_rng(32)
+    x, latent = rng.standard_normal((2, 3, 4, 8)).astype(np.float32), rng.standard_normal((2, 16, 6)).astype(np.float32)
+    p_cross, p_update = random_params(33, 8, 2, 6, kernel_scale=1.0), random_update_params(34, 8, 6, 2, kernel_scale=1.0)
+    w = rng.standard_normal(x.shape).astype(np.float32)
+
+    def loss(module, x, p_update):
+        return (module.duplex_cross_attention(x, latent, module.latent_update(latent, x, p_update), p_cross) * w).sum()
+
+    grad_x = np.asarray(jax.grad(lambda x: loss(cross_attention, x, to_jax(p_update)))(jnp.asarray(x)))
+    u, eps = rng.standard_normal(x.shape), 1e-5
+    x64, p64 = x.astype(np.float64), as_float64(p_update)
+    numeric = (float(loss(ref, x64 + eps * u, p64)) - float(loss(ref, x64 - eps * u, p64))) / (2 * eps)
+    np.testing.assert_allclose(float(np.sum(grad_x.astype(np.float64) * u)), numeric, rtol=1e-4)
+    out16 = jax.jit(cross_attention.latent_update)(*jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16),
+                                                                 (latent, x, p_update)))
+    assert out16.dtype == jnp.bfloat16
+
+
+def test_latent_update_flops_formula_and_xla():
+    n, c, c0, h, l = 64 * 64, 128, 512, 4, 16
+    assert ref.latent_update_flops(n, c, c0, h, l) == 2 * l * c0 * c + 2 * n * c * (c // h) + 2 * l * n * c
+    assert ref.latent_update_flops(n, c, c0, h, l, multi_query=False) == 2 * l * c0 * c + 2 * n * c * c + 2 * l * n * c
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32),
+                          ref.init_latent_update_params(np.random.default_rng(0), 64, 96, 4))
+    x = jax.ShapeDtypeStruct((1, 16, 16, 64), jnp.float32)
+    keys = jax.ShapeDtypeStruct((1, 16, 96), jnp.float32)
+    cost = jax.jit(cross_attention.latent_update).lower(keys, x, params).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    ours = 2 * ref.latent_update_flops(256, 64, 96, 4, 16)
+    assert 1.0 <= cost["flops"] / ours < 1.15  # XLA adds the layer norms, biases, the scale and the softmax
+
+
+def test_latent_update_parameter_shapes():
+    p = ref.init_latent_update_params(np.random.default_rng(0), 128, 512, 4)
+    shapes = jax.tree.map(np.shape, p)
+    assert shapes == {"image_norm": {"scale": (128,), "bias": (128,)},
+                      "attention": {"query": {"kernel": (512, 4, 32), "bias": (4, 32)},
+                                    "key": {"kernel": (128, 32), "bias": (32,)},
+                                    "value": {"kernel": (128, 32), "bias": (32,)},
+                                    "out": {"kernel": (4, 32, 512), "bias": (512,)}},
+                      "latent_norm": {"scale": (512,), "bias": (512,)}}
+    mha = ref.init_latent_update_params(np.random.default_rng(0), 128, 512, 4, multi_query=False)
+    assert mha["attention"]["key"]["kernel"].shape == (128, 4, 32)
+
+
+P_UPDATE = random_update_params(22, 16, 24, 4)
+
+
+@pytest.mark.parametrize("module", [ref, cross_attention], ids=["numpy", "jax"])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, xp: m.latent_update(xp.zeros((2, 16, 32)), xp.zeros((2, 6, 6, 16)), P_UPDATE),
+         "params['latent_norm']['scale'] has shape (24,), expected (32,): the width of keys"),
+        (lambda m, xp: m.latent_update(xp.zeros((2, 16, 24)), xp.zeros((2, 6, 6, 8)), P_UPDATE),
+         "params['image_norm']['scale'] has shape (16,), expected (8,): the width of x"),
+        (lambda m, xp: m.latent_update(xp.zeros((3, 16, 24)), xp.zeros((2, 6, 6, 16)), P_UPDATE),
+         "keys and x must have the same batch size B"),
+        (lambda m, xp: m.latent_update(xp.zeros((16, 24)), xp.zeros((2, 6, 6, 16)), P_UPDATE),
+         "keys must have rank 3 [B, L, C0], got shape (16, 24)"),
+        (lambda m, xp: m.latent_update(xp.zeros((2, 16, 24)), xp.zeros((2, 6, 6, 16)), {"attention": {}}),
+         "params must be a dict with dicts ('image_norm', 'attention', 'latent_norm')"),
+        (lambda m, xp: m.duplex_cross_attention(xp.zeros((2, 6, 6, 16)), xp.zeros((2, 16, 24)),
+                                                xp.zeros((2, 8, 24)), P_ATT),
+         "keys must have the shape of latent (2, 16, 24) [B, L, C0], got (2, 8, 24)"),
+        (lambda m, xp: m.duplex_cross_attention(xp.zeros((2, 6, 6, 16)), xp.zeros((2, 16, 32)),
+                                                xp.zeros((2, 16, 32)), P_ATT),
+         "latent has width C_kv=32"),
+    ],
+)
+def test_duplex_bad_input_names_the_argument(module, call, message):
+    xp = np if module is ref else jnp
+    with pytest.raises(ValueError) as error:
+        call(module, xp)
+    assert message in str(error.value)

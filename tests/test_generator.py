@@ -113,7 +113,8 @@ def test_flax_equals_numpy_per_stage(variant):
 
 @pytest.mark.parametrize("variant, num_norms", [("tiny", 13), ("multi_query=false", 13),
                                                ("attention=axial", 13),
-                                               ("cross_attention=false", 6), (INR, 6)])
+                                               ("cross_attention=false", 6), (INR, 6),
+                                               ("modulation=duplex", 13)])
 def test_training_mode_statistics_equal_numpy(variant, num_norms):
     """After one training-mode call on the same weights, every batch norm's running mean and var equal the
     oracle's (chapter 5a's `batch_norm_running_update` of that norm's input; rtol 1e-5, atol 1e-7), and
@@ -448,3 +449,149 @@ def test_every_stage_kind_resolves_to_layer_kinds():
 def test_tile_size(batch, tokens, size):
     from hitlib.generator import tile_size
     assert tile_size(batch, tokens) == size
+
+
+# --- duplex modulation (GANsformer's duplex attention, chapters 4a and 6) ---------------------------------------------
+
+DUPLEX = ["modulation=duplex", "modulation=duplex multi_query=false", "modulation=duplex norm=layer",
+          "modulation=duplex attention=axial", "modulation=duplex attention_stages=0"]
+
+
+@pytest.mark.parametrize("variant", DUPLEX)
+@pytest.mark.parametrize("train", [True, False])
+def test_duplex_flax_equals_numpy_end_to_end(variant, train):
+    "Same weights on both sides; the same tolerance as every other switch (RTOL, ATOL)."
+    config = small_config(variant)
+    model, params = random_pair(config)
+    assert all(stage.latent_update is not None for stage in model.stages)
+    z = np.random.default_rng(1).standard_normal((3, config.latent_dim)).astype(np.float32)
+    expected = ref.generator(params, z, config, use_running_average=not train)
+    actual = np.asarray(model(jnp.asarray(z), train=train))
+    assert actual.shape == (3, config.resolution, config.resolution, 3)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_duplex_flax_equals_numpy_per_stage_and_carries_the_tokens():
+    config = small_config("modulation=duplex")
+    model, params = random_pair(config, seed=3)
+    z = np.random.default_rng(2).standard_normal((2, config.latent_dim)).astype(np.float32)
+    latent = ref.latent_embedding(z, params["latent"], config)
+    x = np.random.default_rng(4).standard_normal((2, 8, 8, config.widths[0])).astype(np.float32)
+    image = keys = None
+    carried = []
+    for spec, stage, stage_params in zip(config.stages, model.stages, params["stages"]):
+        expected_x, expected_image, expected_keys = ref.generator_stage(
+            x, latent, image, stage_params, spec, config, keys=keys)
+        actual_x, actual_image, actual_keys = stage(
+            jnp.asarray(x), jnp.asarray(latent), None if image is None else jnp.asarray(image), train=True,
+            keys=None if keys is None else jnp.asarray(keys))
+        assert expected_keys.shape == latent.shape
+        np.testing.assert_allclose(np.asarray(actual_keys), expected_keys, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(np.asarray(actual_x), expected_x, rtol=RTOL, atol=ATOL)
+        if expected_image is not None:
+            np.testing.assert_allclose(np.asarray(actual_image), expected_image, rtol=RTOL, atol=ATOL)
+        carried.append(expected_keys)
+        x, image, keys = expected_x, expected_image, expected_keys
+    # every stage moves the tokens; what a stage reads depends on what the stages before it did
+    assert not np.allclose(carried[0], latent) and not np.allclose(carried[1], carried[0])
+    x0 = np.random.default_rng(4).standard_normal((2, 8, 8, config.widths[0])).astype(np.float32)
+    _, _, from_z = ref.generator_stage(x0, latent, None, params["stages"][0], config.stages[0], config)
+    np.testing.assert_array_equal(from_z, carried[0])  # keys=None starts from Z
+
+
+@pytest.mark.parametrize("overrides, resolution", [
+    (["modulation=duplex"], 32),
+    (["modulation=duplex", "multi_query=false", "norm=layer"], 32),
+    (["modulation=duplex", "attention_stages=0"], 32),
+    (["modulation=duplex", "resolution=64", "widths=32,16,16,16", "num_heads=4,2,2,2", "num_layers=1",
+      "block_sizes=4,4,none,none", "attention=multi_axis"], 64),
+])
+def test_duplex_shapes_and_parameter_counts(overrides, resolution):
+    config = get_config("tiny", overrides + ([] if "resolution=64" in overrides else
+                                             ["latent_dim=16", "widths=32,16,16", "num_heads=4,2,2"]))
+    model, params = random_pair(config, seed=7)
+    z = jnp.asarray(np.random.default_rng(8).standard_normal((2, config.latent_dim)).astype(np.float32))
+    for train in (True, False):
+        images = model(z, train=train)
+        assert images.shape == (2, resolution, resolution, 3) and images.dtype == jnp.float32
+        assert np.all(np.isfinite(np.asarray(images)))
+    formula = parameter_counts(config)
+    assert ref.count_parameters(params) == formula["total"]
+    assert [ref.count_parameters(stage) for stage in params["stages"]] == formula["stages"]
+    result = summary(config, flops=False)
+    assert result["params"] == formula["total"]
+    assert [stage["params"] for stage in result["stages"]] == formula["stages"]
+    c0 = config.widths[0]
+    for spec, stage in zip(config.stages, params["stages"]):
+        d = spec.width // spec.num_heads
+        assert stage["latent_update"]["attention"]["query"]["kernel"].shape == (c0, spec.num_heads, d)
+        assert stage["latent_update"]["attention"]["out"]["kernel"].shape == (spec.num_heads, d, c0)
+        assert stage["latent_update"]["image_norm"]["scale"].shape == (spec.width,)
+
+
+def test_duplex_summary_at_imagenet_128_equals_chapter_6():
+    "Counted from shapes, nothing allocated: 67.60M simplex, 72.06M duplex."
+    for overrides, millions in (([], 67.60), (["modulation=duplex"], 72.06)):
+        config = get_config("hit-l-128", overrides)
+        result, formula = summary(config, flops=False), parameter_counts(config)
+        assert result["params"] == formula["total"] and round(result["params"] / 1e6, 2) == millions
+        assert [stage["params"] for stage in result["stages"]] == formula["stages"]
+
+
+def test_duplex_training_step_reaches_every_update_parameter():
+    "A jitted training-mode loss and its gradient; every leaf of the updates gets one but the key biases (softmax)."
+    config = small_config("modulation=duplex")
+    graphdef, params, stats = nnx.split(Generator(config, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    z = jax.random.normal(jax.random.key(0), (2, config.latent_dim))
+
+    @jax.jit
+    def loss(params, stats, z):
+        model = nnx.merge(graphdef, params, stats, copy=True)
+        out = jnp.mean((model(z, train=True) - 0.5) ** 2)
+        return out, nnx.state(model, nnx.BatchStat)
+
+    (value, new_stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, z)
+    assert np.isfinite(float(value))
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]
+    updates = [(jax.tree_util.keystr(path), g) for path, g in flat if "latent_update" in jax.tree_util.keystr(path)]
+    assert len(updates) == 12 * config.num_stages
+    for path, g in updates:
+        assert np.all(np.isfinite(g)), path
+        assert path.endswith("['key']['bias']") or np.any(g != 0), path
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(new_stats))]
+    assert moved and all(moved)  # training mode wrote every batch norm's statistics
+
+
+def test_duplex_tiled_inference_equals_the_oracle(monkeypatch):
+    "The update reads the whole map before the per-pixel body, so tiles still give the oracle's numbers."
+    from hitlib import generator as generator_module
+    monkeypatch.setattr(generator_module, "INFERENCE_TILE_TOKENS", 96)
+    config = small_config("modulation=duplex")
+    model, params = random_pair(config, seed=5)
+    z = np.random.default_rng(6).standard_normal((3, config.latent_dim)).astype(np.float32)
+    expected = ref.generator(params, z, config, use_running_average=True)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(z), train=False)), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_simplex_is_untouched_by_the_duplex_option():
+    """The default builds the trees it built before: no update anywhere, the same draws; a duplex NumPy tree is the
+    simplex tree of the same generator plus one update per stage (drawn last)."""
+    config = small_config()
+    assert config.modulation == "simplex"
+    model = Generator(config, rngs=nnx.Rngs(0))
+    assert all(stage.latent_update is None for stage in model.stages)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference_params(model))[0]]
+    assert not any("latent_update" in p for p in paths)
+    simplex = ref.init_generator_params(config, np.random.default_rng(0), bias_std=0.05, random_norm=True)
+    duplex = ref.init_generator_params(small_config("modulation=duplex"), np.random.default_rng(0), bias_std=0.05,
+                                       random_norm=True)
+    assert all(list(stage)[-1] == "latent_update" for stage in duplex["stages"])
+    stripped = dict(duplex, stages=[{k: v for k, v in stage.items() if k != "latent_update"}
+                                    for stage in duplex["stages"]])
+    for a, b in zip(jax.tree.leaves(simplex), jax.tree.leaves(stripped), strict=True):
+        np.testing.assert_array_equal(a, b)
+    z = np.random.default_rng(1).standard_normal((2, config.latent_dim)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((2, 8, 8, config.widths[0])).astype(np.float32)
+    latent = ref.latent_embedding(z, simplex["latent"], config)
+    assert len(ref.generator_stage(x, latent, None, simplex["stages"][0], config.stages[0], config)) == 2
+

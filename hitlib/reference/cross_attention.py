@@ -6,8 +6,10 @@ twins (chapter 4a)."""
 
 # %% auto #0
 __all__ = ['latent_tokens', 'latent_tokens_loops', 'init_latent_params', 'cross_attention', 'cross_attention_weights',
-           'cross_attention_loops', 'cross_attention_weights_loops', 'cross_attention_flops', 'check_latent_params',
-           'check_cross_attention_shapes']
+           'cross_attention_loops', 'cross_attention_weights_loops', 'cross_attention_flops',
+           'init_latent_update_params', 'latent_update', 'duplex_cross_attention', 'latent_update_loops',
+           'duplex_cross_attention_loops', 'latent_update_flops', 'check_latent_params', 'check_cross_attention_shapes',
+           'check_latent_update_shapes', 'check_duplex_cross_attention_shapes']
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #c9aaeb0b
 import math
@@ -23,6 +25,7 @@ from hitlib.reference.attention import (
     truncated_normal,
 )
 from .blocking import check_int
+from .layers import init_norm, layer_norm, layer_norm_loops
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #ac56fe16
 def latent_tokens(z, params, grid_size: int = 4):
@@ -112,9 +115,12 @@ def cross_attention_weights(x, latent, params):
     return attention_weights(_as_tokens(x), latent, params)  # [B, h, N, L]
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #eb36537a
-def _cross_attention_loops(x, latent, params):
+def _cross_attention_loops(x, latent, params, keys=None):
     """Naive cross-attention, scalar by scalar, float64:
-    (output [shape of x], scores [B, h, N, L])."""
+    (output [shape of x], scores [B, h, N, L]).
+
+    keys: the tokens [B, L, C_kv] the keys are projected from (default `latent`;
+    duplex attention's updated tokens below); the values come from `latent`."""
     num_heads, head_dim = check_cross_attention_shapes(x.shape, latent.shape, params)
     multi_query = is_multi_query(params)
     # [C][h][d], [h][d]
@@ -137,6 +143,7 @@ def _cross_attention_loops(x, latent, params):
 
     for b in range(batch):
         latents = latent[b].tolist()  # [L][C_kv]
+        key_tokens = (latent if keys is None else keys)[b].tolist()  # [L][C_kv]
         # pixel (h, w) is token n = h*W + w
         for n, position in enumerate(np.ndindex(spatial)):
             pixel = x[(b,) + position].tolist()  # [C]
@@ -150,7 +157,7 @@ def _cross_attention_loops(x, latent, params):
                 logits = []
                 for m in range(num_latents):
                     key = [
-                        project(wk, bk, latents[m], head, j) for j in range(head_dim)
+                        project(wk, bk, key_tokens[m], head, j) for j in range(head_dim)
                     ]
                     logits.append(
                         sum(query[j] * key[j] for j in range(head_dim))
@@ -219,6 +226,148 @@ def cross_attention_flops(
     logits = num_tokens * num_heads * num_latents * head_dim
     weighted = num_tokens * num_heads * num_latents * head_dim  # scores x values
     out = num_tokens * num_heads * head_dim * width  # [N, h, d] x [h, d, C]
+    return queries + keys_values + logits + weighted + out
+
+# %% ../../notebooks/04a_cross_attention_numpy.ipynb #4191b769
+def init_latent_update_params(
+    rng,
+    width: int,
+    latent_width: int,
+    num_heads: int,
+    multi_query: bool = True,
+    bias_std: float = 0.0,
+    random_norm: bool = False,
+):
+    """Parameters of `latent_update` for a stage of width C = `width` with
+    h = `num_heads` heads of width d = C/h, and latent tokens of width
+    C0 = `latent_width`:
+    {"image_norm": {scale, bias} [C],
+     "attention": {query {kernel [C0, h, d], bias [h, d]},
+                   key/value {kernel [C, d], bias [d]} (multi-query; [C, h, d] and
+                   [h, d] multi-head), out {kernel [h, d, C0], bias [C0]}},
+     "latent_norm": {scale, bias} [C0]}.
+    Kernels truncated normal (stddev 0.02), biases N(0, bias_std²); the layer norms
+    are the identity unless `random_norm` (chapter 5's `init_norm`). float32;
+    `rng` a `np.random.Generator`."""
+    width = check_int(width, "width")
+    latent_width = check_int(latent_width, "latent_width")
+    num_heads = check_int(num_heads, "num_heads")
+    if width % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide width={width}")
+    head_dim = width // num_heads
+    kv_heads = (head_dim,) if multi_query else (num_heads, head_dim)  # (d,) or (h, d)
+    shapes = {
+        "query": ((latent_width, num_heads, head_dim), (num_heads, head_dim)),
+        "key": ((width,) + kv_heads, kv_heads),
+        "value": ((width,) + kv_heads, kv_heads),
+        "out": ((num_heads, head_dim, latent_width), (latent_width,)),
+    }
+    image_norm = init_norm(rng, width, "layer", random=random_norm)
+    attention = {}
+    for name, (kernel_shape, bias_shape) in shapes.items():
+        kernel = truncated_normal(rng, kernel_shape)
+        bias = (bias_std * rng.standard_normal(bias_shape)).astype(np.float32)
+        attention[name] = {"kernel": kernel, "bias": bias}
+    latent_norm = init_norm(rng, latent_width, "layer", random=random_norm)
+    return {
+        "image_norm": image_norm,
+        "attention": attention,
+        "latent_norm": latent_norm,
+    }
+
+# %% ../../notebooks/04a_cross_attention_numpy.ipynb #2c19ab0a
+def latent_update(keys, x, params):
+    """Duplex attention's bottom-up step: the latent tokens read the stage's map and
+    move towards the centroids of the pixels they attend to (GANsformer's
+    `Y := u^a(Y, X) = LayerNorm(Y + a(Y, X))`, with the map layer-normalised first):
+    K' = LN(K + MQA(K, LN(X))).
+
+    keys: [B, L, C0] (Z at the first stage, then the previous stage's K');
+    x: [B, H, W, C] or [B, N, C] -> K' [B, L, C0].
+    """
+    check_latent_update_shapes(keys.shape, x.shape, params)
+    context = layer_norm(_as_tokens(x), params["image_norm"])  # [B, N, C]
+    # chapter 4's cross-attention with the roles swapped: L queries, N keys/values
+    attended = cross_attention(keys, context, params["attention"])  # [B, L, C0]
+    return layer_norm(keys + attended, params["latent_norm"])  # [B, L, C0]
+
+
+def duplex_cross_attention(x, latent, keys, params):
+    """Duplex attention's top-down step, GANsformer's `A(X, K, V)`: every token of x
+    attends to the L latent tokens, comparing itself with keys projected from the
+    updated tokens K' and reading values projected from Z.
+
+    x: [B, H, W, C] or [B, N, C]; latent (Z, the values): [B, L, C0]; keys (K'):
+    [B, L, C0] -> the shape of x. `params` as `cross_attention`'s; with
+    keys = latent it is `cross_attention`.
+    """
+    check_duplex_cross_attention_shapes(x.shape, latent.shape, keys.shape, params)
+    tokens = _as_tokens(x)  # [B, N, C]
+    scores = attention_weights(tokens, keys, params)  # [B, h, N, L], keys from K'
+    value = params["value"]
+    if is_multi_query(params):
+        v = np.einsum("blc,cd->bld", latent, value["kernel"]) + value["bias"]
+        o = np.einsum("bhnl,bld->bhnd", scores, v)  # [B, h, N, d]
+    else:  # a value head per query head: [B, h, L, d]
+        v = np.einsum("blc,chd->bhld", latent, value["kernel"])
+        v = v + value["bias"][:, None, :]
+        o = np.einsum("bhnl,bhld->bhnd", scores, v)  # [B, h, N, d]
+    out = params["out"]
+    out = np.einsum("bhnd,hdc->bnc", o, out["kernel"]) + out["bias"]  # [B, N, C]
+    return out.reshape(x.shape)  # [B, H, W, C] (or [B, N, C])
+
+# %% ../../notebooks/04a_cross_attention_numpy.ipynb #82c78f5a
+def latent_update_loops(keys, x, params):
+    """Naive-loop twin of `latent_update` (float64): chapter 5's `layer_norm_loops`
+    and `cross_attention_loops` above, scalar by scalar. keys [B, L, C0], x
+    [B, H, W, C] or [B, N, C] -> [B, L, C0]."""
+    check_latent_update_shapes(keys.shape, x.shape, params)
+    keys = np.asarray(keys, np.float64)
+    context = layer_norm_loops(_as_tokens(x), params["image_norm"])  # [B, N, C]
+    attended = cross_attention_loops(keys, context, params["attention"])  # [B, L, C0]
+    return layer_norm_loops(keys + attended, params["latent_norm"])
+
+
+def duplex_cross_attention_loops(x, latent, keys, params):
+    """Naive-loop twin of `duplex_cross_attention` (float64): the loops of
+    `cross_attention_loops` with the keys projected from `keys` [B, L, C0] and the
+    values from `latent` [B, L, C0] -> the shape of x."""
+    check_duplex_cross_attention_shapes(x.shape, latent.shape, keys.shape, params)
+    return _cross_attention_loops(x, latent, params, keys=keys)[0]
+
+# %% ../../notebooks/04a_cross_attention_numpy.ipynb #93e40c34
+def latent_update_flops(
+    num_tokens: int,
+    width: int,
+    latent_width: int,
+    num_heads: int,
+    num_latents: int,
+    multi_query: bool = True,
+) -> int:
+    """Multiply-adds of `latent_update` for one sample: L = `num_latents` tokens of
+    width C0 = `latent_width` read N = `num_tokens` image tokens of width C = `width`
+    with h heads of width d = C/h. Equals 2·L·C0·C + 2N·C·d + 2·L·N·C (multi-query;
+    2N·C² for the keys and values multi-head). Norms, biases, the logit scale and the
+    softmax are not counted; duplex's top-down step costs `cross_attention_flops`."""
+    num_tokens, width, latent_width, num_heads, num_latents = (
+        check_int(value, name)
+        for name, value in (
+            ("num_tokens", num_tokens),
+            ("width", width),
+            ("latent_width", latent_width),
+            ("num_heads", num_heads),
+            ("num_latents", num_latents),
+        )
+    )
+    if width % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide width={width}")
+    head_dim = width // num_heads
+    queries = num_latents * latent_width * width  # [L, C0] x [C0, h, d]
+    # [N, C] x [C, (h,) d]
+    keys_values = 2 * num_tokens * width * (head_dim if multi_query else width)
+    logits = num_latents * num_heads * num_tokens * head_dim  # (token, head, pixel)
+    weighted = num_latents * num_heads * num_tokens * head_dim  # scores x values
+    out = num_latents * num_heads * head_dim * latent_width  # [L, h, d] x [h, d, C0]
     return queries + keys_values + logits + weighted + out
 
 # %% ../../notebooks/04a_cross_attention_numpy.ipynb #aed016cc
@@ -318,3 +467,55 @@ def check_cross_attention_shapes(x_shape, latent_shape, params):
         )
     tokens_shape = (x_shape[0], math.prod(x_shape[1:-1]), x_shape[-1])  # [B, N, C]
     return check_attention_params(tokens_shape, tuple(latent_shape), params)
+
+# %% ../../notebooks/04a_cross_attention_numpy.ipynb #83e59f6e
+def check_latent_update_shapes(keys_shape, x_shape, params):
+    """Raise `ValueError` unless keys [B, L, C0], x [B, N, C] or [B, H, W, C] and
+    `params` (see `init_latent_update_params`) fit together. Returns
+    `(num_heads, head_dim)`. Shapes only, so the JAX module reuses it."""
+    if len(keys_shape) != 3:
+        raise ValueError(
+            f"keys must have rank 3 [B, L, C0], got shape {tuple(keys_shape)}"
+        )
+    if len(x_shape) not in (3, 4):
+        raise ValueError(
+            "x must have rank 3 [B, N, C] or 4 [B, H, W, C], got shape "
+            f"{tuple(x_shape)}"
+        )
+    if x_shape[0] != keys_shape[0]:
+        raise ValueError(
+            "keys and x must have the same batch size B, got keys shape "
+            f"{tuple(keys_shape)} and x shape {tuple(x_shape)}"
+        )
+    parts = ("image_norm", "attention", "latent_norm")
+    if not isinstance(params, dict) or any(
+        not isinstance(params.get(part), dict) for part in parts
+    ):
+        raise ValueError(f"params must be a dict with dicts {parts}")
+    for part, name, width in (
+        ("image_norm", "x", x_shape[-1]),
+        ("latent_norm", "keys", keys_shape[-1]),
+    ):
+        for leaf in ("scale", "bias"):
+            shape = _shape(params[part].get(leaf, ()))
+            if shape != (width,):
+                raise ValueError(
+                    f"params[{part!r}][{leaf!r}] has shape {shape}, expected "
+                    f"({width},): the width of {name} (shape "
+                    f"{tuple(x_shape if name == 'x' else keys_shape)})"
+                )
+    tokens_shape = (x_shape[0], math.prod(x_shape[1:-1]), x_shape[-1])  # [B, N, C]
+    # the latent tokens are the queries, the image tokens the keys and values
+    return check_attention_params(tuple(keys_shape), tokens_shape, params["attention"])
+
+
+def check_duplex_cross_attention_shapes(x_shape, latent_shape, keys_shape, params):
+    """`check_cross_attention_shapes` for x and latent (Z, the values), and keys (K')
+    of latent's shape [B, L, C0]. Returns `(num_heads, head_dim)`."""
+    heads = check_cross_attention_shapes(x_shape, latent_shape, params)
+    if tuple(keys_shape) != tuple(latent_shape):
+        raise ValueError(
+            f"keys must have the shape of latent {tuple(latent_shape)} [B, L, C0], "
+            f"got {tuple(keys_shape)}"
+        )
+    return heads

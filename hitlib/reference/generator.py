@@ -14,8 +14,11 @@ from ..config import GeneratorConfig, StageSpec
 from .attention import init_attention_params, truncated_normal
 from hitlib.reference.cross_attention import (
     cross_attention,
+    duplex_cross_attention,
     init_latent_params,
+    init_latent_update_params,
     latent_tokens,
+    latent_update,
 )
 from hitlib.reference.layers import (
     dense,
@@ -121,7 +124,8 @@ def init_generator_params(
 ):
     """All of the generator's parameters (float32 NumPy arrays); `rng` a
     `np.random.Generator`. Without cross-attention there is no latent embedding
-    (`"latent"`): only cross-attention reads Z."""
+    (`"latent"`): only cross-attention reads Z. Duplex modulation adds each stage's
+    `"latent_update"` (chapter 4a), drawn last."""
     c0 = config.widths[0]
     latent = None
     if config.cross_attention:
@@ -136,6 +140,18 @@ def init_generator_params(
     params["stages"] = [
         init_stage(rng, spec, config, bias_std, random_norm) for spec in config.stages
     ]
+    if config.modulation == "duplex":
+        # drawn after everything else: the rest is the simplex tree of the same rng
+        for spec, stage in zip(config.stages, params["stages"]):
+            stage["latent_update"] = init_latent_update_params(
+                rng,
+                spec.width,
+                c0,
+                spec.num_heads,
+                multi_query=config.multi_query,
+                bias_std=bias_std,
+                random_norm=random_norm,
+            )
     return params
 
 
@@ -175,12 +191,16 @@ def layer_attention_kind(kind: str, layer: int) -> str:
 
 
 def cross_attention_block(
-    x, latent, params, norm: str, use_running_average: bool = False
+    x, latent, params, norm: str, use_running_average: bool = False, keys=None
 ):
     """x [B, H, W, C] attends to latent [B, L, C0]: x + CrossAttention(norm(x), Z), then
-    the MLP block."""
+    the MLP block. keys [B, L, C0] (duplex modulation): the keys are projected from
+    these updated tokens, the values from Z (chapter 4a's `duplex_cross_attention`)."""
     y = normalize(x, params["norm"], norm, use_running_average=use_running_average)
-    x = x + cross_attention(y, latent, params["attention"])
+    if keys is None:
+        x = x + cross_attention(y, latent, params["attention"])
+    else:
+        x = x + duplex_cross_attention(y, latent, keys, params["attention"])
     return mlp_block(x, params["mlp"], norm, use_running_average=use_running_average)
 
 
@@ -202,15 +222,27 @@ def generator_stage(
     spec: StageSpec,
     config: GeneratorConfig,
     use_running_average: bool = False,
+    keys=None,
 ):
     """One stage of Algorithm 1: x [B, H, W, C], latent Z [B, L, C0] (None without
     cross-attention), image [B, H/2, W/2, 3] or None -> (x for the next stage
     [B, 2H, 2W, C_next] (the last stage returns its own map), image [B, H, W, 3] or
-    None)."""
+    None).
+
+    Duplex modulation: `keys` are the latent tokens [B, L, C0] the previous stage
+    updated (None at the first stage: Z); this stage updates them from its map, its
+    cross-attention reads them, and they are returned as a third value,
+    (x, image, keys)."""
     norm, running = config.norm, use_running_average
     x = x + params["pos"]  # X + P_l, [B, H, W, C]
+    duplex = config.modulation == "duplex"
+    if duplex:  # K_l = LN(K_{l-1} + MQA(K_{l-1}, LN(X_l))), [B, L, C0]
+        keys = latent if keys is None else keys
+        keys = latent_update(keys, x, params["latent_update"])
     if config.cross_attention:
-        x = cross_attention_block(x, latent, params["cross"], norm, running)
+        x = cross_attention_block(
+            x, latent, params["cross"], norm, running, keys if duplex else None
+        )
     for layer, block_params in enumerate(params["blocks"]):
         if spec.is_low_resolution:
             kind = layer_attention_kind(spec.attention, layer)
@@ -228,7 +260,7 @@ def generator_stage(
     if spec.next_width is not None:
         # Linear(PixelShuffle(X)) [B, 2H, 2W, C_next]
         x = stage_transition(x, params.get("transition"))
-    return x, image
+    return (x, image, keys) if duplex else (x, image)
 
 
 def generator(params, z, config: GeneratorConfig, use_running_average: bool = False):
@@ -248,9 +280,14 @@ def generator(params, z, config: GeneratorConfig, use_running_average: bool = Fa
     if config.cross_attention:
         # [B, L, C0]
         latent = latent_embedding(z, params["latent"], config, use_running_average)
-    image = None
+    image = keys = None  # keys: duplex's updated latent tokens, carried stage to stage
     for spec, stage_params in zip(config.stages, params["stages"]):
-        x, image = generator_stage(
-            x, latent, image, stage_params, spec, config, use_running_average
-        )
+        if config.modulation == "duplex":
+            x, image, keys = generator_stage(
+                x, latent, image, stage_params, spec, config, use_running_average, keys
+            )
+        else:
+            x, image = generator_stage(
+                x, latent, image, stage_params, spec, config, use_running_average
+            )
     return image
