@@ -77,6 +77,8 @@ VARIANTS = {
     "multi_head": ("8", "multi-head attention", ["multi_query=false"], []),
     # not a row of the paper's (full attention is its Table 1's cost baseline): last
     "full": ("-", "full attention (no blocking)", ["attention=full"], []),
+    # beyond the paper (chapter 4): GANsformer's duplex attention for HiT's simplex
+    "duplex": ("-", "duplex attention (GANsformer)", ["modulation=duplex"], []),
 }
 
 
