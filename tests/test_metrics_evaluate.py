@@ -286,7 +286,8 @@ def test_hit_protocol_scores_the_unrounded_floats(keras_model, hit_stats):
     np.testing.assert_allclose(hit_stats["features"], real_pool, rtol=1e-5, atol=1e-5 * np.abs(real_pool).max())
     results = evaluate.evaluate_generator(generate, LATENT_DIM, 6, ("fid", "is"), keras_model, hit_stats,
                                           batch_size=BATCH, seed=2, num_splits=2, progress=False)
-    # the generated floats as they are: not clipped, not rounded; Keras' logits with their bias
+    # the generated floats clipped to [-1, 1] (the release's output clip), not rounded; Keras' logits
+    # with their bias
     images = generate(sample_latents(2, np.arange(6), LATENT_DIM))
     pool, logits = (np.asarray(a) for a in keras_inception.keras_inception_hit(params, images))
     expected_fid = evaluate.frechet_distance_low_rank(pool, hit_stats["mu"], hit_stats["sigma"])
@@ -294,9 +295,14 @@ def test_hit_protocol_scores_the_unrounded_floats(keras_model, hit_stats):
     np.testing.assert_allclose((results["is_mean"], results["is_std"]), ref.inception_score(logits, 2), rtol=1e-4,
                                atol=1e-6)
     assert results["protocol"] == "hit" and results["weights"] == hit_stats["weights"]
-    # rounding to uint8 (the standard protocol's pixels) would have given other features
+    assert np.abs(np.asarray(images)).max() > 1  # so the clip below is exercised
+    clipped_pool, _ = keras_inception.keras_inception_hit(params, jnp.clip(images, -1, 1))
+    np.testing.assert_array_equal(np.asarray(clipped_pool), pool)
+    # rounding to uint8 (the standard protocol's pixels) would have given other features: a
+    # rounding moves a pixel by up to 1/255 of the range, and these features by about 3e-4 of their
+    # largest value here (1.3e-3 / 3.6)
     rounded_pool, _ = keras_inception.keras_inception_hit(params, data.to_uint8(images))
-    assert np.abs(np.asarray(rounded_pool) - pool).max() > 1e-3 * np.abs(pool).max()
+    assert np.abs(np.asarray(rounded_pool) - pool).max() > 1e-4 * np.abs(pool).max()
 
 
 def test_protocols_refuse_each_others_statistics(model, stats, keras_model, hit_stats, tmp_path):
