@@ -405,6 +405,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'hitlib.inception._unflatten': ('evaluation_jax.html#_unflatten', 'hitlib/inception.py'),
                                   'hitlib.inception._write_npz': ('evaluation_jax.html#_write_npz', 'hitlib/inception.py'),
                                   'hitlib.inception.avg_pool_same': ('evaluation_jax.html#avg_pool_same', 'hitlib/inception.py'),
+                                  'hitlib.inception.check_arrays': ('evaluation_jax.html#check_arrays', 'hitlib/inception.py'),
                                   'hitlib.inception.check_network_input': ( 'evaluation_jax.html#check_network_input',
                                                                             'hitlib/inception.py'),
                                   'hitlib.inception.check_weights': ('evaluation_jax.html#check_weights', 'hitlib/inception.py'),

@@ -10,7 +10,7 @@ __all__ = ['PRECISION', 'BN_EPSILON', 'NUM_CLASSES', 'POOL_FEATURES', 'WEIGHTS_F
            'conv_bn_relu', 'max_pool', 'avg_pool_same', 'inception_a', 'inception_b', 'inception_c', 'inception_d',
            'inception_e', 'check_network_input', 'inception_v3', 'ConvKernel', 'BasicConv', 'InceptionA', 'InceptionB',
            'InceptionC', 'InceptionD', 'InceptionE', 'InceptionV3', 'inception_v3_uint8', 'inception_weight_shapes',
-           'check_weights', 'inception_from_weights', 'random_inception_v3', 'inception_features',
+           'check_arrays', 'check_weights', 'inception_from_weights', 'random_inception_v3', 'inception_features',
            'reference_statistics', 'torch_to_flax_weights', 'load_inception_params', 'save_inception_weights',
            'resolve_weights_path', 'load_inception_weights']
 
@@ -535,10 +535,9 @@ def _check_keys(expected, given, source: str, hint: str = ""):
         )
 
 
-def check_weights(flat: dict, source: str):
-    """Raise `ValueError` naming the first key of `flat` that is missing, unexpected or
-    of the wrong shape."""
-    expected = inception_weight_shapes()
+def check_arrays(expected: dict, flat: dict, source: str):
+    """Raise `ValueError` naming the first key of `flat` that is missing from
+    `expected` ({key: shape}), not in it, or of another shape."""
     _check_keys(expected, flat, source)
     for name, shape in expected.items():
         if tuple(np.shape(flat[name])) != shape:
@@ -546,6 +545,11 @@ def check_weights(flat: dict, source: str):
                 f"{source}: key {name!r} has shape {tuple(np.shape(flat[name]))}, "
                 f"expected {shape}"
             )
+
+
+def check_weights(flat: dict, source: str):
+    "`check_arrays` against `InceptionV3`'s arrays."
+    check_arrays(inception_weight_shapes(), flat, source)
 
 
 def inception_from_weights(flat: dict, source: str = "weights") -> InceptionV3:

@@ -26,7 +26,7 @@ from flax import nnx
 
 from .inception import PRECISION, POOL_FEATURES, max_pool, avg_pool_same
 from .inception import resize_bilinear, check_network_input
-from .inception import _check_keys, _flatten, _unflatten, _read_npz, _write_npz
+from .inception import check_arrays, _flatten, _unflatten, _read_npz, _write_npz
 from .reference.metrics import INCEPTION_SIZE, check_images
 
 # %% ../notebooks/12d_keras_inception.ipynb #d12d05
@@ -272,15 +272,8 @@ class KerasInceptionV3(nnx.Module):
 # %% ../notebooks/12d_keras_inception.ipynb #d12d15
 def check_keras_weights(flat: dict, source: str):
     """Raise `ValueError` naming the first missing, unexpected or misshapen key of a
-    flat {'conv2d_k/kernel': array, ...}."""
-    expected = keras_weight_shapes()
-    _check_keys(expected, flat, source)
-    for name, shape in expected.items():
-        if tuple(np.shape(flat[name])) != shape:
-            raise ValueError(
-                f"{source}: key {name!r} has shape {tuple(np.shape(flat[name]))}, "
-                f"expected {shape}"
-            )
+    flat {'conv2d_k/kernel': array, ...} (chapter 12b's `check_arrays`)."""
+    check_arrays(keras_weight_shapes(), flat, source)
 
 
 def keras_inception_from_weights(flat: dict, source: str = "weights"):
