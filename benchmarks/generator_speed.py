@@ -63,11 +63,25 @@ def forward_seconds(config, batch, repeats):
     return compile_seconds, median_seconds(lambda: compiled(state, z).block_until_ready(), repeats)
 
 
+def cpu_model():
+    """The processor's model name and its widest vector and matrix extensions, from /proc/cpuinfo
+    (Linux; None elsewhere): two machines of the same size can differ twofold in matmul rate."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    wide = [flag for flag in ("avx2", "avx512f", "amx_tile", "amx_bf16") if flag in flags]
+    return " ".join([fields.get("model name", "?")] + wide)
+
+
 def machine_facts():
     "The date, JAX and the machine a measurement ran on, for its JSON."
     return {"date": datetime.date.today().isoformat(), "jax": jax.__version__, "cpu_count": os.cpu_count(),
-            "platform": platform.processor() or platform.machine(), "device": jax.devices()[0].device_kind,
-            "num_devices": jax.device_count()}
+            "platform": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
+            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count()}
 
 
 def write_result(result, name):

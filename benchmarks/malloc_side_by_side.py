@@ -51,7 +51,8 @@ def child(mode, name, batch, repeats):
     step = train.make_train_step(config, networks, donate=False)
     peak = 1.0  # the share of the matmul rate is train_step_speed.py's business
     result = train_step_speed.measure(None, (state, real), repeats, peak, jitted=step)
-    del result["fraction_of_matmul_rate"]
+    for derived in ("fraction_of_matmul_rate", "matmul_floor_seconds"):  # of the rate 1.0
+        result.pop(derived, None)
     source = str(Path(hitlib.__file__).resolve().parent)
     print(json.dumps({"malloc": mode, "config": name, "batch": batch, **result, "hitlib": source}), flush=True)
 
@@ -120,8 +121,10 @@ def side_by_side(runs, rounds, settings):
                                      env=env, check=True, capture_output=True, text=True).stdout
                 measurements.append(dict(json.loads(out.strip().splitlines()[-1]), setting=setting))
                 print(json.dumps(measurements[-1]), file=sys.stderr, flush=True)
+    from generator_speed import cpu_model  # this folder is on sys.path: run as a script
+
     return {"date": datetime.date.today().isoformat(), "cpu_count": os.cpu_count(),
-            "platform": platform.processor() or platform.machine(),
+            "platform": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
             "load_average_before": [round(x, 2) for x in load_before], "measurements": measurements}
 
 

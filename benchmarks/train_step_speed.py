@@ -10,6 +10,7 @@ the share of this machine's float32 matmul rate, measured in the same run.
     python benchmarks/train_step_speed.py                    # tiny and release-128 at batch 8 (about 10 minutes)
     python benchmarks/train_step_speed.py --save NAME        # also write benchmarks/results/NAME.json
     python benchmarks/train_step_speed.py --options          # also the step of each option that is off by default
+    python benchmarks/train_step_speed.py --profile          # also where each program's time goes, by kind of work
 
 To compare two commits side by side, run this file from one checkout with `PYTHONPATH` pointing at the other
 (`git worktree add /tmp/old <commit>; PYTHONPATH=/tmp/old python benchmarks/train_step_speed.py`): the script
@@ -18,9 +19,12 @@ malloc as the `hitlib` command does (`hitlib.cli.tune_allocator`); `--malloc gli
 what a commit from before `tune_allocator` can run).
 """
 import argparse
+import collections
 import dataclasses
 import json
 import os
+import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,8 +40,58 @@ from hitlib.recipes import TrainConfig
 from generator_speed import machine_facts, matmul_flops_per_second, median_seconds, write_result
 
 
-def measure(fn, args, repeats, peak, jitted=None):
-    "Compile time, seconds per call, XLA's FLOPs and the share of the matmul rate of `fn(*args)`."
+# XLA's names for the instructions of a compiled program (`%name = ...` in its text); a CPU thunk
+# event in the profiler's trace carries the name of the instruction it runs
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ", re.M)
+# each instruction's kind, from its name: XLA names a fusion after the operations it fuses
+# (`copy_bitcast_fusion.3`) and a matmul that the CPU backend hands to its matmul library
+# `ynn_fusion.N` (XNNPACK's successor) -- a heuristic from names, but one that needs no parsing
+# of the program. Order matters: the first match wins.
+KINDS = (
+    ("matmul", re.compile(r"^(ynn_fusion|dot|dot_general|convolution|custom-call|onednn)")),
+    ("transpose_or_copy", re.compile(r"(copy|transpose)")),
+    ("pad_slice_concat", re.compile(r"(pad|slice|concatenate)")),
+    ("reduce", re.compile(r"reduce")),
+    ("elementwise", re.compile(r".")),
+)
+
+
+def kind_of(instruction: str) -> str:
+    return next(kind for kind, pattern in KINDS if pattern.search(instruction))
+
+
+def profile(compiled, args):
+    """Where one call of `compiled(*args)` spends its time, from JAX's profiler: the seconds of
+    XLA's thunks on the CPU summed by kind of work (two threads may run two thunks at once, so
+    the sum may exceed the call's wall time), and the five slowest instructions."""
+    from jax.profiler import ProfileData
+
+    names = set(_INSTRUCTION.findall(compiled.as_text()))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            jax.block_until_ready(compiled(*args))
+        traces = list(Path(folder).rglob("*.xplane.pb"))
+        data = ProfileData.from_file(str(traces[-1]))
+        seconds = collections.Counter()
+        for plane in data.planes:
+            for line in plane.lines if plane.name == "/host:CPU" else ():
+                for event in line.events:
+                    if event.name in names:
+                        seconds[event.name] += event.duration_ns / 1e9
+    by_kind = collections.Counter()
+    for name, value in seconds.items():
+        by_kind[kind_of(name)] += value
+    total = sum(by_kind.values())
+    return {"thunk_seconds": round(total, 3),
+            "by_kind": {kind: {"seconds": round(value, 3), "share": round(value / total, 3)}
+                        for kind, value in by_kind.most_common()} if total else {},
+            "slowest": {name: round(value, 3) for name, value in seconds.most_common(5)}}
+
+
+def measure(fn, args, repeats, peak, jitted=None, profiled=False):
+    """Compile time, seconds per call, XLA's FLOPs and the share of the matmul rate of `fn(*args)`;
+    `matmul_floor_seconds`: the FLOPs at the matmul rate (no program of them can be faster);
+    profiled: also `profile` on a CPU."""
     jitted = jax.jit(fn) if jitted is None else jitted
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
@@ -47,9 +101,13 @@ def measure(fn, args, repeats, peak, jitted=None):
     flops = float((cost or {}).get("flops", 0.0))
     jax.block_until_ready(compiled(*args))  # warm-up
     seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats)
-    return {"compile_seconds": round(compile_seconds, 2), "seconds": round(seconds, 4),
-            "gflops": round(flops / 1e9, 2),
-            "fraction_of_matmul_rate": round(flops / seconds / peak, 3)}
+    result = {"compile_seconds": round(compile_seconds, 2), "seconds": round(seconds, 4),
+              "gflops": round(flops / 1e9, 2),
+              "fraction_of_matmul_rate": round(flops / seconds / peak, 3),
+              "matmul_floor_seconds": round(flops / peak, 4)}
+    if profiled and jax.default_backend() == "cpu":
+        result["profile"] = profile(compiled, args)
+    return result
 
 
 def training_config(name, batch):
@@ -69,7 +127,7 @@ OPTIONS = {
 }
 
 
-def step_parts(name, batch, repeats, peak, options=False):
+def step_parts(name, batch, repeats, peak, options=False, profiled=False):
     "Every part of one training step of configuration `name` at `batch`, and the whole step."
     config = training_config(name, batch)
     networks, state = train.create_train_state(config)
@@ -111,10 +169,11 @@ def step_parts(name, batch, repeats, peak, options=False):
     }
     result = {"config": name, "resolution": size, "batch": batch, "parts": {}}
     for part, (fn, args) in parts.items():
-        result["parts"][part] = measure(fn, args, repeats, peak)
+        result["parts"][part] = measure(fn, args, repeats, peak, profiled=profiled)
         print(json.dumps({name: batch, part: result["parts"][part]}), flush=True)
     step = train.make_train_step(config, networks, donate=False)
-    result["step"] = measure(None, (state, real), max(1, repeats - 1), peak, jitted=step)
+    result["step"] = measure(None, (state, real), max(1, repeats - 1), peak, jitted=step,
+                             profiled=profiled)
     print(json.dumps({name: batch, "step": result["step"]}), flush=True)
     for option, (fields, step_number) in OPTIONS.items() if options else ():
         variant = dataclasses.replace(config, **fields)
@@ -125,15 +184,40 @@ def step_parts(name, batch, repeats, peak, options=False):
     return result
 
 
+def inference_forward(preset, batch, repeats, peak, profiled=False):
+    "The generator's jitted inference forward pass (`train=False`) of `preset` at `batch`."
+    from flax import nnx
+
+    from hitlib.config import get_config
+    from hitlib.generator import Generator
+
+    config = get_config(preset)
+    graphdef, state = nnx.split(Generator(config, rngs=nnx.Rngs(0)))
+
+    def forward(state, z):
+        return nnx.merge(graphdef, state)(z, train=False)
+
+    z = jax.random.normal(jax.random.key(0), (batch, config.latent_dim))
+    result = {"preset": preset, "batch": batch,
+              **measure(forward, (state, z), repeats, peak, profiled=profiled)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny, batch 8 only")
-    parser.add_argument("--configs", nargs="+", default=["tiny", "release-128"])
+    parser.add_argument("--configs", nargs="*", default=["tiny", "release-128"],
+                        help="training configurations whose step to time (none: only --forward)")
     parser.add_argument("--batches", nargs="+", type=int, default=[8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--save", metavar="NAME", help="write benchmarks/results/NAME.json")
     parser.add_argument("--options", action="store_true",
                         help="also time the step of each option that is off by default (lazy R1, simultaneous)")
+    parser.add_argument("--forward", nargs="*", default=[], metavar="PRESET:BATCH",
+                        help="also the inference forward pass of these generators (e.g. release-256:32)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also where each program's time goes on a CPU, by kind of work (JAX's profiler)")
     parser.add_argument("--malloc", choices=["tuned", "glibc"], default="tuned",
                         help="malloc as the hitlib command sets it (default), or glibc's defaults")
     args = parser.parse_args()
@@ -145,10 +229,16 @@ def main():
     peak = matmul_flops_per_second()
     configs = ["tiny"] if args.quick else args.configs
     batches = [8] if args.quick else args.batches
-    runs = [step_parts(config, batch, args.repeats, peak, args.options) for config in configs for batch in batches]
+    runs = [step_parts(config, batch, args.repeats, peak, args.options, args.profile)
+            for config in configs for batch in batches]
     result = {**machine_facts(), "hitlib": str(Path(hitlib.__file__).resolve().parent),
               "malloc": args.malloc, "load_average_before": [round(x, 2) for x in load_before],
               "matmul_gflops_per_second": round(peak / 1e9, 1), "runs": runs}
+    forwards = [spec.rsplit(":", 1) for spec in args.forward]
+    if forwards:
+        result["inference_forward"] = [
+            inference_forward(preset, int(batch), args.repeats, peak, args.profile)
+            for preset, batch in forwards]
     write_result(result, args.save)
 
 
