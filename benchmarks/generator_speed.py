@@ -47,8 +47,9 @@ def matmul_flops_per_second(size=2048, repeats=10):
     return 2 * size**3 / median_seconds(lambda: matmul(a, b).block_until_ready(), repeats)
 
 
-def forward_seconds(config, batch, repeats):
-    "(compile seconds, median seconds per call) of a jitted inference forward pass of `config` at `batch`."
+def forward_program(config, batch):
+    """(jitted inference forward pass of a freshly initialised `config` generator, its arguments
+    (weights, latents [batch, latent_dim])): the program every forward timing here measures."""
     graphdef, state = nnx.split(Generator(config, rngs=nnx.Rngs(0)))
 
     @jax.jit
@@ -56,11 +57,17 @@ def forward_seconds(config, batch, repeats):
         return nnx.merge(graphdef, state)(z, train=False)
 
     z = jax.random.normal(jax.random.key(0), (batch, config.latent_dim), jnp.float32)
+    return forward, (state, z)
+
+
+def forward_seconds(config, batch, repeats):
+    "(compile seconds, median seconds per call) of a jitted inference forward pass of `config` at `batch`."
+    forward, args = forward_program(config, batch)
     start = time.perf_counter()
-    compiled = forward.lower(state, z).compile()
+    compiled = forward.lower(*args).compile()
     compile_seconds = time.perf_counter() - start
-    compiled(state, z).block_until_ready()  # warm-up
-    return compile_seconds, median_seconds(lambda: compiled(state, z).block_until_ready(), repeats)
+    compiled(*args).block_until_ready()  # warm-up
+    return compile_seconds, median_seconds(lambda: compiled(*args).block_until_ready(), repeats)
 
 
 def cpu_model():

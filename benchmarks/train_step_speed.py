@@ -34,10 +34,12 @@ import optax
 
 import hitlib
 from hitlib import cli, losses, recipes, train
+from hitlib.config import get_config
 from hitlib.recipes import TrainConfig
 
 # run as a script, this folder is on sys.path: one home for the two timing helpers
-from generator_speed import machine_facts, matmul_flops_per_second, median_seconds, write_result
+from generator_speed import (forward_program, machine_facts, matmul_flops_per_second, median_seconds,
+                             write_result)
 
 
 # XLA's names for the instructions of a compiled program (`%name = ...` in its text); a CPU thunk
@@ -45,10 +47,10 @@ from generator_speed import machine_facts, matmul_flops_per_second, median_secon
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ", re.M)
 # each instruction's kind, from its name: XLA names a fusion after the operations it fuses
 # (`copy_bitcast_fusion.3`) and a matmul that the CPU backend hands to its matmul library
-# `ynn_fusion.N` (XNNPACK's successor) -- a heuristic from names, but one that needs no parsing
-# of the program. Order matters: the first match wins.
+# `ynn_fusion.N` (XNNPACK's successor), one it emits itself `dot.N` -- a heuristic from names,
+# but one that needs no parsing of the program. Order matters: the first match wins.
 KINDS = (
-    ("matmul", re.compile(r"^(ynn_fusion|dot|dot_general|convolution|custom-call|onednn)")),
+    ("matmul", re.compile(r"^(ynn_fusion|dot|convolution)")),
     ("transpose_or_copy", re.compile(r"(copy|transpose)")),
     ("pad_slice_concat", re.compile(r"(pad|slice|concatenate)")),
     ("reduce", re.compile(r"reduce")),
@@ -179,27 +181,17 @@ def step_parts(name, batch, repeats, peak, options=False, profiled=False):
         variant = dataclasses.replace(config, **fields)
         at = state.replace(step=jnp.asarray(step_number, jnp.int32))
         step = train.make_train_steps(variant, networks, donate=False)(step_number)
-        result[option] = measure(None, (at, real), max(1, repeats - 1), peak, jitted=step)
+        result[option] = measure(None, (at, real), max(1, repeats - 1), peak, jitted=step,
+                                 profiled=profiled)
         print(json.dumps({name: batch, option: result[option]}), flush=True)
     return result
 
 
 def inference_forward(preset, batch, repeats, peak, profiled=False):
     "The generator's jitted inference forward pass (`train=False`) of `preset` at `batch`."
-    from flax import nnx
-
-    from hitlib.config import get_config
-    from hitlib.generator import Generator
-
-    config = get_config(preset)
-    graphdef, state = nnx.split(Generator(config, rngs=nnx.Rngs(0)))
-
-    def forward(state, z):
-        return nnx.merge(graphdef, state)(z, train=False)
-
-    z = jax.random.normal(jax.random.key(0), (batch, config.latent_dim))
+    forward, args = forward_program(get_config(preset), batch)
     result = {"preset": preset, "batch": batch,
-              **measure(forward, (state, z), repeats, peak, profiled=profiled)}
+              **measure(None, args, repeats, peak, jitted=forward, profiled=profiled)}
     print(json.dumps(result), flush=True)
     return result
 
