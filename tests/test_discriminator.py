@@ -330,9 +330,10 @@ def test_parameter_counts_without_allocating():
     assert disc.parameter_count(DiscriminatorConfig(128, 1)) == 23_880_833
 
 
-@pytest.mark.parametrize("kernel_size", [1, 2, 3])
-def test_tap_convolution_equals_xlas_in_values_and_gradients(kernel_size):
-    # conv2d takes the tap form on a CPU; both forms and both gradients must agree
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4])
+def test_tap_and_split_convolutions_equal_xlas_in_values_and_gradients(kernel_size):
+    # conv2d takes the split form on a CPU; every form and every gradient must agree,
+    # the even kernel sizes too (their 'SAME' padding is lopsided, mirrored backward)
     rng = np.random.default_rng(kernel_size)
     x = jnp.asarray(rng.standard_normal((2, 8, 6, 5)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 5, 7)), jnp.float32)
@@ -340,18 +341,42 @@ def test_tap_convolution_equals_xlas_in_values_and_gradients(kernel_size):
     def loss(conv):
         return lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel)))
 
+    def r1(conv):  # R1's double gradient: of the input gradient's norm, by both inputs
+        return lambda x, kernel: jnp.sum(jax.grad(loss(conv))(x, kernel) ** 2)
+
     def close(a, b):  # float32 rounding, relative to the largest entry
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(b)), np.max(np.abs(a - b))
 
-    close(disc.tap_conv2d(x, kernel), disc.xla_conv2d(x, kernel))
-    for got, want in zip(jax.grad(loss(disc.tap_conv2d), (0, 1))(x, kernel),
-                         jax.grad(loss(disc.xla_conv2d), (0, 1))(x, kernel)):
-        close(got, want)
-    # R1's double gradient (of the input gradient's norm, by the kernel)
-    def r1(conv):
-        return lambda kernel: jnp.sum(jax.grad(loss(conv))(x, kernel) ** 2)
-    close(jax.grad(r1(disc.tap_conv2d))(kernel), jax.grad(r1(disc.xla_conv2d))(kernel))
+    for conv in (disc.tap_conv2d, disc.split_conv2d):
+        close(conv(x, kernel), disc.xla_conv2d(x, kernel))
+        for objective in (loss, r1):
+            for got, want in zip(jax.grad(objective(conv), (0, 1))(x, kernel),
+                                 jax.grad(objective(disc.xla_conv2d), (0, 1))(x, kernel)):
+                close(got, want)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4])
+def test_tap_kernel_grad_is_the_tap_convolutions_transpose(kernel_size):
+    rng = np.random.default_rng(20 + kernel_size)
+    x = jnp.asarray(rng.standard_normal((2, 5, 7, 3)), jnp.float32)
+    kernel = jnp.zeros((kernel_size, kernel_size, 3, 4), jnp.float32)
+    grad = jnp.asarray(rng.standard_normal((2, 5, 7, 4)), jnp.float32)
+    (want,) = jax.vjp(lambda k: disc.tap_conv2d(x, k), kernel)[1](grad)
+    padding = (ref.same_padding(kernel_size),) * 2
+    got = disc.tap_kernel_grad(x, grad, padding)
+    assert got.shape == kernel.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_takes_the_split_form_from_tap_min_channels_on_a_cpu():
+    # which form conv2d runs is visible in the program: the split form's custom VJP
+    def program(channels):
+        x = jnp.zeros((1, 4, 4, channels))
+        kernel = jnp.zeros((3, 3, channels, 2))
+        return str(jax.make_jaxpr(disc.conv2d)(x, kernel))
+    assert "custom_vjp_call" in program(disc.TAP_MIN_CHANNELS)
+    assert "custom_vjp_call" not in program(disc.TAP_MIN_CHANNELS - 1)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 3])
@@ -363,5 +388,6 @@ def test_tap_convolution_matches_the_numpy_oracle(kernel_size):
     bias = rng.standard_normal(3).astype(np.float32)
     want = ref.conv2d(x, kernel, bias)
     for got in (disc.tap_conv2d(jnp.asarray(x), jnp.asarray(kernel)) + bias,
+                disc.split_conv2d(jnp.asarray(x), jnp.asarray(kernel)) + bias,
                 disc.conv2d(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
