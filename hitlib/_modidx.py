@@ -267,6 +267,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                      'hitlib/discriminator.py'),
                                       'hitlib.discriminator._split_conv_forward': ( 'discriminator_jax.html#_split_conv_forward',
                                                                                     'hitlib/discriminator.py'),
+                                      'hitlib.discriminator._taps': ('discriminator_jax.html#_taps', 'hitlib/discriminator.py'),
                                       'hitlib.discriminator.avg_pool': ('discriminator_jax.html#avg_pool', 'hitlib/discriminator.py'),
                                       'hitlib.discriminator.blur_pool': ('discriminator_jax.html#blur_pool', 'hitlib/discriminator.py'),
                                       'hitlib.discriminator.conv2d': ('discriminator_jax.html#conv2d', 'hitlib/discriminator.py'),

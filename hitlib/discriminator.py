@@ -49,12 +49,12 @@ def xla_conv2d(x, kernel):
     return _padded_conv(x, kernel, (same_padding(k_h), same_padding(k_w)))
 
 
-def tap_conv2d(x, kernel):
-    """The same convolution as one matrix product per kernel tap:
-    y = Σ_ij shift_ij(x) [B·H·W, C_in] @ kernel[i, j] [C_in, C_out]."""
+def _taps(x, kernel, padding):
+    """Σ_ij shift_ij(x) [B·H·W, C_in] @ kernel[i, j] [C_in, C_out] over the input padded
+    by `padding` ((top, bottom), (left, right)) -> [B, H, W, C_out]."""
     batch, height, width, channels = x.shape
     k_h, k_w = kernel.shape[:2]
-    padded = jnp.pad(x, ((0, 0), same_padding(k_h), same_padding(k_w), (0, 0)))
+    padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     y = sum(
         # [B·H·W, C_in] @ [C_in, C_out]: 2-D operands, which XLA's CPU dot is fast on
         padded[:, i : i + height, j : j + width].reshape(-1, channels) @ kernel[i, j]
@@ -64,21 +64,23 @@ def tap_conv2d(x, kernel):
     return y.reshape(batch, height, width, -1)  # [B, H, W, C_out]
 
 
+def tap_conv2d(x, kernel):
+    """The same convolution as one matrix product per kernel tap:
+    y = Σ_ij shift_ij(x) [B·H·W, C_in] @ kernel[i, j] [C_in, C_out]."""
+    k_h, k_w = kernel.shape[:2]
+    return _taps(x, kernel, (same_padding(k_h), same_padding(k_w)))
+
+
 def tap_kernel_grad(x, grad, padding):
     """The kernel gradient of a stride-1 convolution with `padding` ((top, bottom),
-    (left, right)) as one matrix product per tap: x [B, H, W, C_in], grad = ∂L/∂y
-    [B, H, W, C_out] -> ∂L/∂kernel [k_h, k_w, C_in, C_out], k = padding + 1, whose tap
-    (i, j) is shift_ij(x)ᵀ [C_in, B·H·W] @ grad [B·H·W, C_out]."""
-    _, height, width, channels = x.shape
+    (left, right)), one matrix product per tap: x [B, H, W, C_in], grad = ∂L/∂y
+    [B, H, W, C_out] -> ∂L/∂kernel [k_h, k_w, C_in, C_out], k = padding + 1, tap (i, j)
+    being shift_ij(x)ᵀ [C_in, B·H·W] @ grad [B·H·W, C_out]: the transpose of `_taps`
+    as a linear map of the kernel (JAX writes the products, and shards them)."""
     k_h, k_w = (sum(pair) + 1 for pair in padding)
-    padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    grad = grad.reshape(-1, grad.shape[-1])  # [B·H·W, C_out]
-    taps = [
-        [padded[:, i : i + height, j : j + width].reshape(-1, channels).T @ grad
-         for j in range(k_w)]
-        for i in range(k_h)
-    ]
-    return jnp.stack([jnp.stack(row) for row in taps])  # [k_h, k_w, C_in, C_out]
+    kernel = jax.ShapeDtypeStruct((k_h, k_w, x.shape[-1], grad.shape[-1]), x.dtype)
+    transpose = jax.linear_transpose(lambda k: _taps(x, k, padding), kernel)
+    return transpose(grad)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
