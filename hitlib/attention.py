@@ -43,65 +43,56 @@ def dot_product_attention(q, k, v):
     return jnp.einsum("...qk,...kv->...qv", softmax(logits, axis=-1), v)
 
 
+def _shared_head(y, params):
+    "Multi-query keys or values, one head for all: y [..., Nk, C_kv] -> [..., Nk, d]."
+    return jnp.einsum("...mc,cd->...md", y, params["kernel"]) + params["bias"]
+
+
+def _folded_queries(x, params):
+    """Multi-query queries with the heads folded into the rows, scaled by 1/√d:
+    x [..., Nq, C] -> [..., Nq·h, d]."""
+    width, heads, depth = params["kernel"].shape
+    # one product for all heads, a 2-D one for XLA: [B·…·Nq, C] @ [C, h·d]; the
+    # leading axes stay, so a batch split over devices stays split
+    kernel = params["kernel"].reshape(width, heads * depth)
+    q = jnp.einsum("...nc,cf->...nf", x, kernel)  # [..., Nq, h·d]
+    q = (q + params["bias"].reshape(heads * depth)) * (1.0 / math.sqrt(depth))
+    return q.reshape(*x.shape[:-2], x.shape[-2] * heads, depth)
+
+
+def _multi_query_scores(x, y, params):
+    """x [..., Nq, C], y [..., Nk, C_kv] -> scores [..., Nq·h, Nk]: row n·h + i is
+    token n's head i."""
+    q = _folded_queries(x, params["query"])  # [..., Nq·h, d]
+    k = _shared_head(y, params["key"])  # [..., Nk, d]
+    return softmax(jnp.einsum("...qd,...md->...qm", q, k), axis=-1)
+
+
 def _project(x, y, params):
-    """Queries [..., h, Nq, d]; keys and values [..., Nk, d] (multi-query) or
-    [..., h, Nk, d] (multi-head)."""
-    q = (
-        jnp.einsum("...nc,chd->...hnd", x, params["query"]["kernel"])
-        + params["query"]["bias"][:, None, :]
+    "Multi-head queries, keys and values: [..., h, Nq, d], [..., h, Nk, d] (twice)."
+    q, k, v = (
+        jnp.einsum(f"...{n}c,chd->...h{n}d", t, params[name]["kernel"])
+        + params[name]["bias"][:, None, :]
+        for n, t, name in (("n", x, "query"), ("m", y, "key"), ("m", y, "value"))
     )
-    if is_multi_query(params):
-        # [..., Nk, d]
-        k = (
-            jnp.einsum("...mc,cd->...md", y, params["key"]["kernel"])
-            + params["key"]["bias"]
-        )
-        # [..., Nk, d]
-        v = (
-            jnp.einsum("...mc,cd->...md", y, params["value"]["kernel"])
-            + params["value"]["bias"]
-        )
-    else:
-        k = (
-            jnp.einsum("...mc,chd->...hmd", y, params["key"]["kernel"])
-            + params["key"]["bias"][:, None, :]
-        )
-        v = (
-            jnp.einsum("...mc,chd->...hmd", y, params["value"]["kernel"])
-            + params["value"]["bias"][:, None, :]
-        )
     return q, k, v
 
 
 def _scores(q, k):
-    """q [..., h, Nq, d], k [..., Nk, d] (one shared head) or [..., h, Nk, d] -> scores
-    [..., h, Nq, Nk]."""
+    "Multi-head q [..., h, Nq, d], k [..., h, Nk, d] -> scores [..., h, Nq, Nk]."
     scale = 1.0 / math.sqrt(q.shape[-1])
-    if k.ndim == q.ndim - 1:  # multi-query
-        logits = jnp.einsum("...hnd,...md->...hnm", q * scale, k)
-    else:  # multi-head
-        logits = jnp.einsum("...hnd,...hmd->...hnm", q * scale, k)
-    return softmax(logits, axis=-1)
-
-
-def _attend(scores, v, params):
-    """scores [..., h, Nq, Nk], values -> output [..., Nq, C] through the output
-    projection [h, d, C]."""
-    if v.ndim == scores.ndim - 1:  # multi-query values [..., Nk, d]
-        o = jnp.einsum("...hnm,...md->...hnd", scores, v)  # [..., h, Nq, d]
-    else:  # multi-head values [..., h, Nk, d]
-        o = jnp.einsum("...hnm,...hmd->...hnd", scores, v)
-    # [..., Nq, C]
-    return (
-        jnp.einsum("...hnd,hdc->...nc", o, params["out"]["kernel"])
-        + params["out"]["bias"]
-    )
+    return softmax(jnp.einsum("...hnd,...hmd->...hnm", q * scale, k), axis=-1)
 
 
 def attention_weights(x, y, params):
     """Scores of multi-query or multi-head attention (by the key kernel's rank): x
     [..., Nq, C], y [..., Nk, C_kv] -> [..., h, Nq, Nk]."""
     check_attention_params(x.shape, y.shape, params)
+    if is_multi_query(params):
+        folded = _multi_query_scores(x, y, params)  # [..., Nq·h, Nk]
+        heads = params["query"]["kernel"].shape[1]
+        unfolded = folded.reshape(*folded.shape[:-2], -1, heads, folded.shape[-1])
+        return jnp.moveaxis(unfolded, -2, -3)  # [..., h, Nq, Nk]
     q, k, _ = _project(x, y, params)
     return _scores(q, k)
 
@@ -114,8 +105,14 @@ def multi_query_attention(x, y, params):
     {kernel [C_kv, d], bias [d]}, out {kernel [h, d, C], bias [C]}.
     """
     check_attention_params(x.shape, y.shape, params, multi_query=True)
-    q, k, v = _project(x, y, params)  # [..., h, Nq, d], [..., Nk, d], [..., Nk, d]
-    return _attend(_scores(q, k), v, params)
+    scores = _multi_query_scores(x, y, params)  # [..., Nq·h, Nk]
+    v = _shared_head(y, params["value"])  # [..., Nk, d]
+    o = jnp.einsum("...qm,...md->...qd", scores, v)  # [..., Nq·h, d]
+    heads, depth, width = params["out"]["kernel"].shape
+    # rows n·h + i for i < h are token n's heads: [..., Nq, h·d] @ [h·d, C]
+    o = o.reshape(*o.shape[:-2], -1, heads * depth)
+    kernel = params["out"]["kernel"].reshape(heads * depth, width)
+    return jnp.einsum("...nf,fc->...nc", o, kernel) + params["out"]["bias"]
 
 
 def multi_head_attention(x, y, params):
@@ -124,4 +121,10 @@ def multi_head_attention(x, y, params):
     check_attention_params(x.shape, y.shape, params, multi_query=False)
     # [..., h, Nq, d], [..., h, Nk, d], [..., h, Nk, d]
     q, k, v = _project(x, y, params)
-    return _attend(_scores(q, k), v, params)
+    o = jnp.einsum("...hnm,...hmd->...hnd", _scores(q, k), v)  # [..., h, Nq, d]
+    # [..., Nq, C]
+    return (
+        jnp.einsum("...hnd,hdc->...nc", o, params["out"]["kernel"])
+        + params["out"]["bias"]
+    )
+
