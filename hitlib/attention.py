@@ -52,10 +52,9 @@ def _folded_queries(x, params):
     """Multi-query queries with the heads folded into the rows, scaled by 1/√d:
     x [..., Nq, C] -> [..., Nq·h, d]."""
     width, heads, depth = params["kernel"].shape
-    # one product for all heads, a 2-D one for XLA: [B·…·Nq, C] @ [C, h·d]; the
-    # leading axes stay, so a batch split over devices stays split
-    kernel = params["kernel"].reshape(width, heads * depth)
-    q = jnp.einsum("...nc,cf->...nf", x, kernel)  # [..., Nq, h·d]
+    # [B·…·Nq, C] @ [C, h·d]: one 2-D product for all heads (flattened by hand: its
+    # kernel gradient is then xᵀ @ g on x as it lies, with no transposed copy)
+    q = x.reshape(-1, width) @ params["kernel"].reshape(width, heads * depth)
     q = (q + params["bias"].reshape(heads * depth)) * (1.0 / math.sqrt(depth))
     return q.reshape(*x.shape[:-2], x.shape[-2] * heads, depth)
 
@@ -109,10 +108,10 @@ def multi_query_attention(x, y, params):
     v = _shared_head(y, params["value"])  # [..., Nk, d]
     o = jnp.einsum("...qm,...md->...qd", scores, v)  # [..., Nq·h, d]
     heads, depth, width = params["out"]["kernel"].shape
-    # rows n·h + i for i < h are token n's heads: [..., Nq, h·d] @ [h·d, C]
-    o = o.reshape(*o.shape[:-2], -1, heads * depth)
-    kernel = params["out"]["kernel"].reshape(heads * depth, width)
-    return jnp.einsum("...nf,fc->...nc", o, kernel) + params["out"]["bias"]
+    # rows n·h + i for i < h are token n's heads: [B·…·Nq, h·d] @ [h·d, C]
+    out = o.reshape(-1, heads * depth) @ params["out"]["kernel"].reshape(-1, width)
+    out = out + params["out"]["bias"]
+    return out.reshape(*o.shape[:-2], -1, width)  # [..., Nq, C]
 
 
 def multi_head_attention(x, y, params):
