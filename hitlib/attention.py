@@ -126,4 +126,3 @@ def multi_head_attention(x, y, params):
         jnp.einsum("...hnd,hdc->...nc", o, params["out"]["kernel"])
         + params["out"]["bias"]
     )
-
