@@ -35,6 +35,7 @@ import optax
 import hitlib
 from hitlib import cli, losses, recipes, train
 from hitlib.config import get_config
+from hitlib.generator import summary
 from hitlib.recipes import TrainConfig
 
 # run as a script, this folder is on sys.path: one home for the two timing helpers
@@ -90,17 +91,18 @@ def profile(compiled, args):
             "slowest": {name: round(value, 3) for name, value in seconds.most_common(5)}}
 
 
-def measure(fn, args, repeats, peak, jitted=None, profiled=False):
+def measure(fn, args, repeats, peak, jitted=None, profiled=False, flops=None):
     """Compile time, seconds per call, XLA's FLOPs and the share of the matmul rate of `fn(*args)`;
     `matmul_floor_seconds`: the FLOPs at the matmul rate (no program of them can be faster);
-    profiled: also `profile` on a CPU."""
+    profiled: also `profile` on a CPU. flops: the program's FLOPs where XLA's count of the
+    compiled program is wrong (it counts a loop's body once)."""
     jitted = jax.jit(fn) if jitted is None else jitted
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = float((cost or {}).get("flops", 0.0)) if flops is None else float(flops)
     jax.block_until_ready(compiled(*args))  # warm-up
     seconds = median_seconds(lambda: jax.block_until_ready(compiled(*args)), repeats)
     result = {"compile_seconds": round(compile_seconds, 2), "seconds": round(seconds, 4),
@@ -188,10 +190,16 @@ def step_parts(name, batch, repeats, peak, options=False, profiled=False):
 
 
 def inference_forward(preset, batch, repeats, peak, profiled=False):
-    "The generator's jitted inference forward pass (`train=False`) of `preset` at `batch`."
-    forward, args = forward_program(get_config(preset), batch)
+    """The generator's jitted inference forward pass (`train=False`) of `preset` at `batch`. Its
+    FLOPs are the model's (chapter 7b's `summary`, as `generator_speed.py` counts them): the
+    compiled program runs the high-resolution stages tile by tile in a loop, whose body XLA's
+    cost analysis counts once."""
+    config = get_config(preset)
+    forward, args = forward_program(config, batch)
+    flops = summary(config)["flops"] * batch
     result = {"preset": preset, "batch": batch,
-              **measure(None, args, repeats, peak, jitted=forward, profiled=profiled)}
+              **measure(None, args, repeats, peak, jitted=forward, profiled=profiled,
+                        flops=flops)}
     print(json.dumps(result), flush=True)
     return result
 
