@@ -49,14 +49,13 @@ def test_profile_finds_the_matmuls_of_a_program():
     assert 0 < len(profile["slowest"]) <= 5
 
 
-
 def test_inference_forward_counts_the_model_flops_not_the_tile_loops_body():
-    # release-128's 64- and 128-pixel stages run tile by tile in a loop at inference, and
-    # XLA's cost analysis counts a loop's body once: the benchmark takes the model's FLOPs
-    batch = 16  # 16 images x 128^2 pixels: several tiles of INFERENCE_TILE_TOKENS
+    # release-128's 128-pixel stage runs tile by tile in a loop at inference, and XLA's
+    # cost analysis counts a loop's body once: the benchmark takes the model's FLOPs
+    batch = 2  # 2 images x 128^2 pixels: four tiles of INFERENCE_TILE_TOKENS
     config = get_config("release-128")
     forward, args = train_step_speed.forward_program(config, batch)
-    cost = forward.lower(*args).compile().cost_analysis()
+    cost = forward.lower(*args).cost_analysis()  # the same count as compiled, no compile
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     model = summary(config)["flops"] * batch
     assert cost["flops"] < 0.8 * model  # the undercount the benchmark avoids
